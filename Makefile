@@ -1,0 +1,52 @@
+# Echoel Box. `make run`: the box's stack on this machine. `make test`: the whole suite.
+# Both install what they need (Debian packages as root, a venv with the project in it).
+
+SHELL := /bin/bash
+PY_SYS ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ECHOEL := $(VENV)/bin/echoel
+APT_PACKAGES := python3-venv python3-dev gcc libasound2-dev libasound2-plugins jackd2 \
+	libsystemd-dev pkg-config rt-tests alsa-utils util-linux procps
+STAMP := $(VENV)/.installed
+DURATION ?=
+BENCH_SECONDS ?= 60
+
+.PHONY: setup apt run test test-e2e bench lint clean
+
+setup: apt $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root, or install: $$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(ECHOEL) demo $(if $(DURATION),--duration $(DURATION))
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-e2e: setup
+	@echo "test-e2e: no end-to-end image tests yet (they come with the image recipe, issue 8)"
+
+bench: setup
+	$(PY) bench/engine_bench.py --seconds $(BENCH_SECONDS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,168 @@
+"""The `echoel` command and its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from echoel.daemon import bus, logs
+from echoel.daemon import config as config_mod
+
+
+def _load(path: str | None) -> config_mod.Config:
+    return config_mod.load(path) if path else config_mod.defaults()
+
+
+def _rdir(args) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    return bus.run_dir(_load(args.config)["daemon"]["run_dir"])
+
+
+def cmd_run(args) -> int:
+    """Run the daemon on the configured sound card."""
+    from echoel.daemon.status_view import LiveView
+    from echoel.daemon.supervisor import Supervisor, write_summary
+
+    cfg = _load(args.config)
+    logs.setup(cfg["daemon"]["log_level"])
+    sup = Supervisor(cfg, args.config)
+    sup.start()
+    view = LiveView() if args.show else None
+    summary = sup.run(args.duration, on_status=view.update if view else None)
+    if args.summary_json:
+        write_summary(args.summary_json, summary)
+    if args.duration is not None:
+        print_summary(summary)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The stack on a JACK dummy device with generated music (what `make run` does)."""
+    from echoel.daemon.demo import run_demo
+
+    cfg = _load(args.config)
+    logs.setup(cfg["daemon"]["log_level"])
+    summary = run_demo(cfg, args.duration, not args.no_show, args.summary_json, args.config)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    """The end-of-run summary, for a person."""
+    print(f"\nsummary: {s['blocks']} blocks at {s['rate']} Hz, period {s['period']}, "
+          f"latency {s['latency_ms']:.2f} ms, xruns capture {s['xruns']['capture']} / "
+          f"playback {s['xruns']['playback']}, interface losses {s['interface_losses']}")
+    for key in ("dsp", "read_to_write", "wake_jitter"):
+        v = s.get(key) or {}
+        print(f"  {key:<14} p50 {v.get('p50_us')} us  p99 {v.get('p99_us')} us  "
+              f"max {v.get('max_us')} us  ({v.get('count')} blocks)")
+    for name, why in (s.get("missing_guarantees") or {}).items():
+        print(f"  missing guarantee {name}: {why}")
+
+
+def cmd_status(args) -> int:
+    """Ask a running daemon for its status."""
+    from echoel.daemon.status_view import render
+
+    reply = bus.request(_rdir(args), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(reply["status"], indent=2))
+    else:
+        print("\n".join(render(reply["status"])))
+    return 0
+
+
+def cmd_set(args) -> int:
+    """Change a setting in a running daemon."""
+    reply = bus.request(_rdir(args), {"cmd": "set", "key": args.key,
+                                      "value": config_mod.parse_value(args.value)})
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_reload(args) -> int:
+    """Make a running daemon re-read its config file."""
+    reply = bus.request(_rdir(args), {"cmd": "reload"})
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_config(args) -> int:
+    """Check a config file, or list every key."""
+    if args.action == "keys":
+        print(config_mod.describe_keys())
+        return 0
+    if not args.file:
+        print("echoel config check: name the file to check", file=sys.stderr)
+        return 2
+    cfg = config_mod.load(args.file)
+    print(f"{args.file}: valid" + (f" ({len(cfg['chain']['eq'])} EQ bands, "
+                                   f"{len(cfg['taps'])} taps)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `echoel`."""
+    ap = argparse.ArgumentParser(prog="echoel", description="Echoel Box: studio audio appliance")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def client(p):
+        p.add_argument("--config", help="config file of the daemon (to find its run folder)")
+        p.add_argument("--run-dir", help="the daemon's run folder")
+
+    p = sub.add_parser("run", help="run the daemon on the configured sound card")
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--show", action="store_true", help="live status on the terminal")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--summary-json", help="write the end-of-run summary here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the stack on a JACK dummy device with generated music")
+    p.add_argument("--config", help="TOML config file (devices are replaced by JACK PCMs)")
+    p.add_argument("--no-show", action="store_true", help="no live status")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--summary-json", help="write the end-of-run summary here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="status of a running daemon")
+    client(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("set", help="change a setting of a running daemon")
+    client(p)
+    p.add_argument("key", help="dotted key, e.g. chain.gain_db or chain.eq.0.freq")
+    p.add_argument("value")
+    p.set_defaults(func=cmd_set)
+
+    p = sub.add_parser("reload", help="make a running daemon re-read its config file")
+    client(p)
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("config", help="check a config file or list the keys")
+    p.add_argument("action", choices=("check", "keys"))
+    p.add_argument("file", nargs="?")
+    p.set_defaults(func=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `echoel`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_mod.ConfigError as exc:
+        print(f"echoel: config error: {exc}", file=sys.stderr)
+        return 2
+    except (TimeoutError, FileNotFoundError, RuntimeError) as exc:
+        print(f"echoel: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Boundaries with the system: ALSA, JACK, real-time scheduling, systemd."""

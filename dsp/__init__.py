@@ -1,0 +1,1 @@
+"""Signal processing and inference: pure functions and numba kernels, no I/O."""

@@ -1,0 +1,1 @@
+"""The fleet service (issue 5, not built yet)."""
