@@ -90,6 +90,16 @@ def cmd_reload(args) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def cmd_diag(args) -> int:
+    """Diagnostics on a running daemon."""
+    if args.action == "latency":
+        reply = bus.request(_rdir(args), {"cmd": "probe"})
+    else:
+        reply = bus.request(_rdir(args), {"cmd": "stall", "ms": args.ms})
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
 def cmd_config(args) -> int:
     """Check a config file, or list every key."""
     if args.action == "keys":
@@ -141,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="make a running daemon re-read its config file")
     client(p)
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("diag", help="diagnostics: `diag latency` measures the round trip "
+                       "through a loopback (output 1 wired to input 1; mutes briefly); "
+                       "`diag stall MS` stalls the audio thread once (checks xrun recovery)")
+    client(p)
+    p.add_argument("action", choices=("latency", "stall"))
+    p.add_argument("ms", type=int, nargs="?", default=100)
+    p.set_defaults(func=cmd_diag)
 
     p = sub.add_parser("config", help="check a config file or list the keys")
     p.add_argument("action", choices=("check", "keys"))

@@ -204,7 +204,7 @@ class Config:
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
         node[parts[-1]] = value
-        return validate(_raw_of(data), self.source)
+        return validate(_raw_of(data), f"change of {dotted} to {value!r}")
 
     def changed_keys(self, other: Config) -> list[str]:
         """Dotted keys whose values differ between two configs."""

@@ -8,6 +8,7 @@ but shared memory: the supervisor reads its status and rings and logs on its beh
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ from echoel.daemon.engine_shared import (
     DIR_BOTH,
     EV_DEVICE_LOST,
     EV_DEVICE_OPENED,
+    EXIT_DEVICE_LOST,
     C,
     EngineShared,
     F,
@@ -43,6 +45,7 @@ class Engine:
         self.shared = shared
         self.missing: dict[str, str] = {}
         self.info: dict = {}
+        self.parent = os.getppid()
 
     def _publish(self, **info) -> None:
         self.info.update(info)
@@ -59,7 +62,9 @@ class Engine:
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
     def stopping(self) -> bool:
-        """True once the supervisor asked the engine to stop."""
+        """True once the supervisor asked the engine to stop (or is gone)."""
+        if os.getppid() != self.parent:
+            self.shared.control[C.STOP] = 1
         return bool(self.shared.control[C.STOP])
 
     def setup_process(self) -> None:
@@ -138,6 +143,7 @@ class Engine:
         while thread.is_alive():
             thread.join(0.1)
             self._alive()
+            self.stopping()  # notices a dead supervisor and tells the loop to stop
             if not published and f[F.STATE] == State.RUNNING:
                 self.missing.pop("sched_fifo", None)
                 self.missing.pop("affinity", None)
@@ -157,11 +163,12 @@ class Engine:
             f[F.LOSSES] += 1
             loop._event(EV_DEVICE_LOST, DIR_BOTH, time.monotonic_ns())
             self._publish(device=None, problem=loop.exit_reason)
+            # A vanished or wedged device can hang in close (seen with JACK's ALSA plugin):
+            # leave the process instead; the supervisor starts a fresh engine, which looks
+            # for the interface again. The supervisor itself (the daemon) keeps running.
+            os._exit(EXIT_DEVICE_LOST)
         for pcm in (cap, play):
-            try:
-                pcm.close()
-            except Exception:
-                pass
+            pcm.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", required=True, help="validated config, as the supervisor "
                     "wrote it")
     args = ap.parse_args(argv)
+    realtime.die_with_parent()  # never outlive the supervisor
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks
     with open(args.config_json) as fh:
         cfg = config_mod.validate(json.load(fh), args.config_json)
     shared = EngineShared.attach(cfg["daemon"]["instance"])

@@ -60,6 +60,9 @@ class F(IntEnum):
     XRUN_EVENTS_DROPPED = 30
     MAIN_HEARTBEAT_NS = 31  # the engine's main thread is alive (also while searching)
     FORMAT_CODE = 32
+    LATENCY_FRAMES = 33  # measured: playback queue + capture backlog when a block is written
+    PROBE_FRAMES = 35  # last round trip measured by the loopback probe; -1: not returned
+    PROBE_DONE_SEQ = 36  # the probe request this result answers
 
 
 class State(IntEnum):
@@ -87,6 +90,9 @@ class C(IntEnum):
 
     STOP = 0
     GENERATION = 1
+    STALL_SEQ = 2  # diagnostic: bumped by the supervisor to stall the audio thread once
+    STALL_MS = 3
+    PROBE_SEQ = 4  # diagnostic: bumped to measure round-trip latency through a loopback
 
 
 class H(IntEnum):
@@ -96,6 +102,8 @@ class H(IntEnum):
     READ_TO_WRITE = 1
     WAKE_JITTER = 2
 
+
+EXIT_DEVICE_LOST = 75  # engine process exit code: interface lost; restart at once, no backoff
 
 # event records (int64 x 4): kind, direction, monotonic ns, blocks
 EV_XRUN, EV_DEVICE_LOST, EV_DEVICE_OPENED, EV_POLL_TIMEOUT = 1, 2, 3, 4

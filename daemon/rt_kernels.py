@@ -62,3 +62,12 @@ def account_block(f, hist, lim, t_wake, t_read, t_dsp0, t_dsp1, t_written, perio
     f[F.LIMITER_GR_MDB] = 0 if g >= 1.0 or g <= 0.0 else int(-20000.0 * math.log10(g))
     f[F.BLOCKS] += 1
     f[F.HEARTBEAT_NS] = t_written
+
+
+@numba.njit(nogil=True, cache=True)
+def onset(x, threshold):
+    """Index of the first frame whose channel 0 exceeds threshold, or -1."""
+    for n in range(x.shape[0]):
+        if abs(x[n, 0]) > threshold:
+            return n
+    return -1

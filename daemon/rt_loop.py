@@ -20,19 +20,22 @@ from echoel.daemon.engine_shared import (
     DIR_PLAYBACK,
     EV_POLL_TIMEOUT,
     EV_XRUN,
+    HIST_BINS,
     C,
     EngineShared,
     F,
     State,
 )
-from echoel.daemon.spsc_ring import push
+from echoel.daemon.spsc_ring import Ring, push
 from echoel.drivers import realtime
 from echoel.drivers.alsa_pcm import EPIPE
 from echoel.dsp import sample_format
 from echoel.dsp.chain_kernels import ChainState
 from echoel.dsp.chain_layout import ChainSpec
 
-POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+POLLGONE = select.POLLHUP | select.POLLNVAL
+PROBE_LEVEL = 0.5
+PROBE_MAX_BLOCKS = 64
 
 
 class AudioLoop:
@@ -43,6 +46,8 @@ class AudioLoop:
         self.shared = shared
         self.cap, self.play = cap, play
         self.period = engine["period"]
+        self.periods = engine["periods"]
+        self.buffer_frames = self.period * self.periods
         self.prefill = engine["prefill"]
         self.cin, self.cout = engine["channels_in"], engine["channels_out"]
         self.period_ns = round(self.period * 1e9 / engine["rate"])
@@ -70,31 +75,10 @@ class AudioLoop:
 
     # ------------------------------------------------------------------ helpers (not per block)
     def warm_up(self) -> None:
-        """Compile and run every kernel with the exact types the loop will pass.
-
-        Uses private copies of the rings and status arrays, so no consumer sees warm-up data.
-        """
-        f = np.zeros_like(self.shared.fields)
-        hist = np.zeros_like(self.shared.hist)
-        raw = np.frombuffer(bytes(self.period * self.cin * np.dtype(self.dtype).itemsize),
-                            self.dtype)  # read-only, as the loop sees it
-        sample_format.decode(raw, self.scale, self.chain.x)
-        saved = self.chain.p_cur.copy(), self.chain.z.copy(), self.chain.lim.copy()
-        self.chain.run()
-        self.chain.p_cur[:], self.chain.z[:], self.chain.lim[:] = saved
-        self.encode(self.chain.y, self.scale, self.out_raw)
-        p = self.params.like()
-        p.push(np.array([0.0, self.chain.p_tgt[0]]), 0)
-        rt_kernels.drain_params(p.h, p.meta, p.data, self.param_rec, self.meta_out,
-                                self.chain.p_tgt, f)
-        for ring, _ in self.taps:
-            scratch = ring.like()
-            push(scratch.h, scratch.meta, scratch.data, self.in_f32, 0)
-        m = self.meters.like()
-        push(m.h, m.meta, m.data, self.chain.meters, 0)
-        e = self.events.like()
-        push(e.h, e.meta, e.data, self.event, 0)
-        rt_kernels.account_block(f, hist, self.chain.lim, 1, 2, 3, 4, 5, self.period_ns)
+        """Compile and run every kernel with the exact types the loop will pass."""
+        warm_kernels(self.chain, self.dtype, self.scale, self.encode,
+                     [ring for ring, _ in self.taps], self.params, self.meters, self.events,
+                     self.period_ns)
 
     def _event(self, kind: int, direction: int, t: int) -> None:
         ev = self.event
@@ -103,13 +87,55 @@ class AudioLoop:
             self.shared.fields[F.XRUN_EVENTS_DROPPED] += 1
 
     def prime(self) -> None:
-        """(Re)start both streams: empty them, queue `prefill` periods of silence, start."""
-        self.cap.drop()
-        self.play.drop()
-        for _ in range(self.prefill):
-            self.play.write(self.silence)
-        self.cap.read()  # starts capture; non-blocking, returns nothing yet
+        """(Re)align both streams at `prefill` periods of latency, after open or an xrun.
+
+        Never snd_pcm_drop(): JACK's ALSA plugin deactivates its client on drop, and
+        reactivating it while others run leaves the JACK graph waiting on it. Instead: clear
+        the capture's xrun state and discard its backlog, clear the playback's xrun state, top
+        playback up to `prefill` periods of silence, then start capture.
+        """
+        cap, play, period = self.cap, self.play, self.period
+        for _ in range(4 * self.periods + 4):
+            avail = cap.avail()
+            if avail < 0 or avail >= period:
+                cap.read()  # after an xrun: prepares; else: drops one period of backlog
+            else:
+                break
+        # avail() first: it syncs the pointer, which is how an underrun becomes visible
+        if play.avail() < 0 or play.state() == alsaaudio.PCM_STATE_XRUN:
+            play.write(self.silence)  # returns -EPIPE and prepares the stream
+        queued = 0
+        if play.state() != alsaaudio.PCM_STATE_PREPARED:
+            queued = max(0, self.buffer_frames - play.avail())
+        while queued + period <= self.prefill * period:
+            play.write(self.silence)
+            queued += period
+        if cap.state() == alsaaudio.PCM_STATE_PREPARED:
+            cap.read()  # starts capture; non-blocking, returns nothing yet
         self.shared.fields[F.PREV_WAKE_NS] = 0
+
+    def _probe_step(self, state: int, t: int) -> tuple[int, int]:
+        """Round-trip probe through a loopback: mute, send one impulse, time its return.
+
+        state 1: emit the impulse (output muted otherwise); t counts frames since. state 2:
+        listen; the output stays muted so the impulse does not circulate. Gives up after
+        PROBE_MAX_BLOCKS. Returns the next (state, t); 0 when done.
+        """
+        y = self.chain.y
+        y[:] = 0.0
+        f = self.shared.fields
+        if state == 1:
+            y[0, 0] = PROBE_LEVEL
+            return 2, 0
+        hit = rt_kernels.onset(self.chain.x, PROBE_LEVEL / 2)
+        if hit >= 0:  # the input block of this iteration: t + one period after the impulse
+            f[F.PROBE_FRAMES] = t + self.period + hit
+        elif t // self.period < PROBE_MAX_BLOCKS:
+            return 2, t + self.period
+        else:
+            f[F.PROBE_FRAMES] = -1
+        f[F.PROBE_DONE_SEQ] = self.shared.control[C.PROBE_SEQ]
+        return 0, 0
 
     def _xrun(self, direction: int, t: int) -> None:
         f = self.shared.fields
@@ -150,38 +176,81 @@ class AudioLoop:
         mh, mm, md = self.meters.h, self.meters.meta, self.meters.data
         taps, in_f32, out_f32 = self.taps, self.in_f32, self.out_f32
         lim, period_ns, now = ch.lim, self.period_ns, time.monotonic_ns
+        buffer_frames = self.buffer_frames
         self.prime()
         f[F.STATE] = State.RUNNING
         f[F.FLOW_STARTED_NS] = now()
+        timeout_ns = timeout * 1_000_000
+        empty_since = 0  # first of consecutive wake-ups that brought no full period
+        revents = cap.polldescriptors_revents
+        t_wake = 0
+        stall_seen = ctl[C.STALL_SEQ]
+        probe_seen, probe_state, probe_t = ctl[C.PROBE_SEQ], 0, 0
+        failed_writes, wedge_blocks = 0, 2 * self.periods + 16
         while ctl[C.STOP] == 0:
-            if not poll(timeout):
-                t = now()
-                f[F.POLL_TIMEOUTS] += 1
-                self._event(EV_POLL_TIMEOUT, DIR_CAPTURE, t)
-                return f"device lost: no audio from the capture device for {timeout} ms"
-            t_wake = now()
+            if ctl[C.STALL_SEQ] != stall_seen:  # diagnostic stall (echoel diag stall)
+                stall_seen = ctl[C.STALL_SEQ]
+                time.sleep(ctl[C.STALL_MS] / 1000.0)
             avail = cap.avail()
             if avail < 0:
-                self._xrun(DIR_BOTH if play.avail() < 0 else DIR_CAPTURE, t_wake)
+                self._xrun(DIR_BOTH if play.avail() < 0 else DIR_CAPTURE, now())
+                empty_since = 0
                 continue
             if avail < period:
+                # Sleep until the device has data. revents() also acknowledges the wake-up
+                # (the JACK plugin's poll pipe stays readable until it is called).
+                ready = poll(timeout)
+                t_wake = now()
+                if not ready:
+                    f[F.POLL_TIMEOUTS] += 1
+                    self._event(EV_POLL_TIMEOUT, DIR_CAPTURE, t_wake)
+                    return f"device lost: no audio from the capture device for {timeout} ms"
+                if revents(ready) & POLLGONE:
+                    return "device lost: the capture device hung up"
+                if empty_since == 0:
+                    empty_since = t_wake
+                elif t_wake - empty_since > timeout_ns:
+                    return (f"device lost: the capture device woke us for {timeout} ms "
+                            "without delivering audio")
                 continue
+            empty_since = 0
+            woke = t_wake if t_wake else now()  # data already there: no wake-up to time
+            t_wake = 0
             n, data = cap.read()
             t_read = now()
             if n != period:
                 if n == EPIPE:
                     self._xrun(DIR_CAPTURE, t_read)
                 continue
+            # Latency of this block = what playback still holds + what capture holds (avail
+            # includes this block): shown in status. It is not corrected here: JACK may run
+            # the playback and capture clients in either order within a cycle, which moves
+            # this reading by a period without any change in the real latency.
+            pavail = play.avail()
+            if pavail < 0:
+                self._xrun(DIR_PLAYBACK, t_read)
+                continue
+            f[F.LATENCY_FRAMES] = buffer_frames - pavail + avail
             decode(np.frombuffer(data, dtype), scale, ch.x)
             drain(ph, pm, pd, rec, meta_out, p_tgt, f)
             process()
+            if probe_state:  # diagnostic round-trip probe (echoel diag latency)
+                probe_state, probe_t = self._probe_step(probe_state, probe_t)
+            elif ctl[C.PROBE_SEQ] != probe_seen:
+                probe_seen = ctl[C.PROBE_SEQ]
+                probe_state, probe_t = self._probe_step(1, 0)
             encode(ch.y, scale, out_raw)
             t_dsp1 = now()
             w = play.write(out_raw)
             t_written = now()
             if w != period:
                 self._xrun(DIR_PLAYBACK, t_written)
+                failed_writes += 1
+                if failed_writes > wedge_blocks:
+                    return (f"device wedged: {failed_writes} writes in a row failed; "
+                            "reopening it")
                 continue
+            failed_writes = 0
             ring_push(mh, mm, md, ch.meters, t_read)
             if taps:
                 in_f32[:] = ch.x
@@ -190,5 +259,49 @@ class AudioLoop:
                     if not ring_push(ring.h, ring.meta, ring.data,
                                      in_f32 if is_input else out_f32, t_read):
                         f[F.TAP_OVERFLOWS] += 1
-            account(f, hist, lim, t_wake, t_read, t_read, t_dsp1, t_written, period_ns)
+            account(f, hist, lim, woke, t_read, t_read, t_dsp1, t_written, period_ns)
         return "stopped"
+
+
+def warm_kernels(chain: ChainState, dtype, scale: float, encode, taps: list[Ring],
+                 params: Ring, meters: Ring, events: Ring, period_ns: int) -> None:
+    """Run every kernel of the loop once on private copies (no consumer sees warm-up data),
+    so that nothing compiles once audio runs. With numba's cache this also fills the cache."""
+    f = np.zeros(64, np.int64)
+    hist = np.zeros((3, HIST_BINS), np.int64)
+    frames, cin = chain.x.shape
+    raw = np.frombuffer(bytes(frames * cin * np.dtype(dtype).itemsize), dtype)  # read-only
+    sample_format.decode(raw, scale, chain.x)
+    saved = chain.p_cur.copy(), chain.z.copy(), chain.lim.copy()
+    chain.run()
+    chain.p_cur[:], chain.z[:], chain.lim[:] = saved
+    out_raw = np.zeros(frames * chain.y.shape[1], dtype)
+    encode(chain.y, scale, out_raw)
+    p = params.like()
+    p.push(np.array([0.0, chain.p_tgt[0]]), 0)
+    rec, meta_out = np.zeros(2), np.zeros(2, np.int64)
+    rt_kernels.drain_params(p.h, p.meta, p.data, rec, meta_out, chain.p_tgt, f)
+    block = np.zeros(chain.x.shape, np.float32)
+    for ring in taps:
+        scratch = ring.like()
+        push(scratch.h, scratch.meta, scratch.data, block, 0)
+    m = meters.like()
+    push(m.h, m.meta, m.data, chain.meters, 0)
+    e = events.like()
+    push(e.h, e.meta, e.data, np.zeros(4, np.int64), 0)
+    rt_kernels.account_block(f, hist, chain.lim, 1, 2, 3, 4, 5, period_ns)
+    rt_kernels.onset(chain.x, 0.5)
+
+
+def precompile(cfg) -> None:
+    """Compile (and cache) the loop's kernels for a config, without a device."""
+    from echoel.daemon.engine_shared import MAX_CHANNELS
+
+    e = cfg["engine"]
+    chain = ChainState(cfg.chain_spec(), e["rate"], e["period"], e["channels_in"],
+                       e["channels_out"])
+    dtype, scale = sample_format.FORMATS[e["format"]]
+    rings = [Ring.private(4, e["period"] * e["channels_in"], np.float32)]
+    warm_kernels(chain, dtype, scale, sample_format.encoder_for(e["format"]), rings,
+                 Ring.private(4, 2, np.float64), Ring.private(4, 4 * MAX_CHANNELS, np.float32),
+                 Ring.private(4, 4, np.int64), 1)

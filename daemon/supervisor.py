@@ -26,6 +26,7 @@ from echoel.daemon.engine_shared import (
     EV_DEVICE_OPENED,
     EV_POLL_TIMEOUT,
     EV_XRUN,
+    EXIT_DEVICE_LOST,
     C,
     EngineShared,
     F,
@@ -39,6 +40,7 @@ from echoel.drivers import systemd_notify
 from echoel.dsp.sample_format import FORMATS
 
 log = logging.getLogger("echoel.supervisor")
+MAX_STALL_MS = 5000
 STUCK_S = 1.0  # no block for this long while running: the loop is stuck (watchdog stops)
 
 
@@ -56,6 +58,7 @@ class Supervisor:
         self.rdir = bus.run_dir(cfg["daemon"]["run_dir"])
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.reopens = 0  # engine processes replaced after an interface loss
         self._restart_at = 0.0
         self._backoff = 1.0
         self.ready_sent = False
@@ -200,11 +203,15 @@ class Supervisor:
             if self.shared.fields[F.STATE] == State.RUNNING:
                 self._backoff = 1.0
             return
+        self.proc = None
+        if code == EXIT_DEVICE_LOST:  # not a crash: a fresh engine looks for the interface
+            self.reopens += 1
+            self._restart_at = time.monotonic() + self.cfg["engine"]["rescan_ms"] / 1000.0
+            return
         self.restarts += 1
         log.error("the engine process exited with code %s; restarting it in %.0f s "
                   "(restart %d). Its output above says why", code, self._backoff, self.restarts)
         self._event("engine_exited", code=code, restart_in_s=self._backoff)
-        self.proc = None
         self._restart_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
 
@@ -313,6 +320,7 @@ class Supervisor:
             "format": e["format"],
             "channels": {"in": e["channels_in"], "out": e["channels_out"]},
             "latency_ms": self.latency_ms(),
+            "measured_latency_ms": round(int(f[F.LATENCY_FRAMES]) * 1000.0 / e["rate"], 3),
             "dsp_load_pct": round(100 * dsp_load, 2),
             "blocks": blocks,
             "xruns": {"capture": int(f[F.XRUN_CAPTURE]), "playback": int(f[F.XRUN_PLAYBACK])},
@@ -323,6 +331,7 @@ class Supervisor:
             "interface_losses": int(f[F.LOSSES]),
             "engine_pid": int(f[F.ENGINE_PID]),
             "engine_restarts": self.restarts,
+            "engine_reopens": self.reopens,
             "params": {"applied": int(f[F.PARAMS_APPLIED]),
                        "rejected": int(f[F.PARAMS_REJECTED])},
             "tap_overflows": int(f[F.TAP_OVERFLOWS]),
@@ -357,16 +366,57 @@ class Supervisor:
             return self.set_value(key, value)
         if cmd == "reload":
             return self.reload()
+        if cmd == "stall":
+            return self.stall(req.get("ms"))
+        if cmd == "probe":
+            return self.probe()
         return {"ok": False, "error": f"unknown command {cmd!r}; allowed: status, summary, "
-                "config, set, reload"}
+                "config, set, reload, stall, probe"}
+
+    def probe(self, timeout: float = 2.0) -> dict:
+        """Diagnostic: measure round-trip latency through a loopback (output wired to input).
+
+        Mutes the output for a few periods and sends one impulse. Blocks the bus for up to
+        `timeout` seconds (it is a technician's check, not something to run during a take).
+        """
+        ctl, f = self.shared.control, self.shared.fields
+        if f[F.STATE] != State.RUNNING:
+            return {"ok": False, "error": "probe: the engine is not running (state "
+                    f"{State(int(f[F.STATE])).name.lower()})"}
+        seq = int(ctl[C.PROBE_SEQ]) + 1
+        ctl[C.PROBE_SEQ] = seq
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if int(f[F.PROBE_DONE_SEQ]) == seq:
+                frames = int(f[F.PROBE_FRAMES])
+                if frames < 0:
+                    return {"ok": False, "error": "probe: the impulse did not come back; wire "
+                            "output 1 to input 1 (a loopback) and try again"}
+                e = self.cfg["engine"]
+                return {"ok": True, "frames": frames,
+                        "ms": round(frames * 1000.0 / e["rate"], 3),
+                        "expected_frames": e["prefill"] * e["period"]}
+            time.sleep(0.005)
+        return {"ok": False, "error": f"probe: no answer from the audio thread in {timeout} s"}
+
+    def stall(self, ms) -> dict:
+        """Diagnostic: stall the audio thread once, to check xrun detection and recovery."""
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= MAX_STALL_MS:
+            return {"ok": False, "error": f"stall: ms = {ms!r}: must be an integer from 1 to "
+                    f"{MAX_STALL_MS}"}
+        ctl = self.shared.control
+        ctl[C.STALL_MS] = ms
+        ctl[C.STALL_SEQ] += 1
+        log.warning("diagnostic: stalling the audio thread for %d ms on request", ms)
+        return {"ok": True, "stalled_ms": ms}
 
     def set_value(self, key: str, value) -> dict:
         """Change one setting: live parameters go through the ring, others restart the engine."""
         try:
             new = self.cfg.with_value(key, value)
         except config_mod.ConfigError as exc:
-            log.warning("refused config change: %s", exc)
-            return {"ok": False, "error": str(exc)}
+            log.warning("refused config change (the running config stays): %s", exc)
+            return {"ok": False, "error": f"{exc} (the running config is unchanged)"}
         return self._apply(new)
 
     def reload(self) -> dict:

@@ -34,13 +34,15 @@ class BurstTracker:
     """Collects xruns; a burst closes after `window_ns` without another."""
 
     window_ns: int
+    max_span_ns: int = 10_000_000_000  # a storm is reported every 10 s, not only at its end
     current: Burst | None = None
     closed: list[Burst] = field(default_factory=list)
 
     def add(self, direction: int, t_ns: int) -> None:
         """Record one xrun."""
         b = self.current
-        if b is None or t_ns - b.last_ns > self.window_ns:
+        if b is None or t_ns - b.last_ns > self.window_ns \
+                or t_ns - b.first_ns > self.max_span_ns:
             if b is not None:
                 self.closed.append(b)
             b = self.current = Burst(t_ns, t_ns)

@@ -85,14 +85,13 @@ class JackServer:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(5)
+            self.proc.wait(15)  # a killed jackd keeps its slot in JACK's 8-slot registry
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
-        for leftover in Path("/dev/shm").glob(f"jack-*{self.name}*"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() \
-                else leftover.unlink(missing_ok=True)
+        for leftover in Path("/dev/shm").glob(f"jack_sem.*_{self.name}_*"):
+            leftover.unlink(missing_ok=True)
 
     @property
     def running(self) -> bool:

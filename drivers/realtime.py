@@ -64,3 +64,9 @@ def lock_memory() -> str | None:
     return (f"mlockall refused ({os.strerror(err)}): RLIMIT_MEMLOCK is {limit} and "
             f"CAP_IPC_LOCK is {'present' if _has_cap(CAP_IPC_LOCK) else 'missing'}; "
             "give the service LimitMEMLOCK=infinity")
+
+
+def die_with_parent(sig: int = 15) -> None:
+    """Ask the kernel to send `sig` (SIGTERM) to this process when its parent dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, sig)  # PR_SET_PDEATHSIG

@@ -4,24 +4,27 @@ the daemon started as a real process, and the harness that plays into and record
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import alsaaudio
 import numpy as np
-
 from echoel.daemon import bus
 from echoel.drivers.jack_server import JackServer, Patchbay, alsa_env, jack_pcm_conf
+from echoel.drivers.realtime import die_with_parent
 
 RATE, PERIOD, CH = 48000, 128, 2
+HARNESS_PERIODS = 8
 ECHOEL = str(Path(sys.executable).with_name("echoel"))
 
 
@@ -71,7 +74,10 @@ class Rig:
         if self.patch:
             self.patch.stop()
         self.server.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("KEEP_RIG"):
+            print("rig kept at", self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def wait_patched(self, timeout: float = 10.0) -> None:
         """Until every harness<->engine connection is made."""
@@ -112,7 +118,8 @@ class Daemon:
         full_env = {**os.environ, **rig.env, **(env or {})}
         self.proc = subprocess.Popen(
             [*(prefix or []), ECHOEL, "run", "--config", str(self.config)],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=full_env)
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=full_env,
+            preexec_fn=die_with_parent)
 
     def request(self, msg: dict, timeout: float = 5.0) -> dict:
         return bus.request(self.run_dir, msg, timeout)
@@ -160,44 +167,123 @@ class Daemon:
         return self.proc.returncode
 
 
+@contextmanager
+def realtime_priority(prio: int):
+    """SCHED_FIFO for the calling thread for a while (root only; else unchanged)."""
+    old = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
+    except PermissionError:
+        pass
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, old[0], old[1])
+
+
+class HarnessStuckError(RuntimeError):
+    """The JACK device stopped delivering data to the harness."""
+
+
 class Harness:
-    """The studio side: plays a signal into the engine's input, records its output."""
+    """The studio side: plays a signal into the engine's input, records its output.
+
+    One thread streams continuously (silence between signals) from open to close: starting
+    and stopping JACK-backed PCMs while other clients run is what upsets JACK, so the harness
+    never does it. Non-blocking I/O with poll timeouts: a stuck client is reported, not hung on.
+    """
 
     def __init__(self, play_pcm: str = "h_play", cap_pcm: str = "h_cap") -> None:
+        self.names = play_pcm, cap_pcm
+        self._lock = threading.Lock()
+        self._job: dict | None = None
+        self.stuck: str | None = None
+        self._running = True
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="harness", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        # deep buffers: the harness's own latency is measured, only its xruns would hurt
         kw = dict(rate=RATE, channels=CH, format=alsaaudio.PCM_FORMAT_FLOAT_LE,
-                  periodsize=PERIOD, periods=4)
-        self.play = alsaaudio.PCM(alsaaudio.PCM_PLAYBACK, device=play_pcm, **kw)
-        self.cap = alsaaudio.PCM(alsaaudio.PCM_CAPTURE, device=cap_pcm, **kw)
+                  periodsize=PERIOD, periods=HARNESS_PERIODS)
+        nb = alsaaudio.PCM_NONBLOCK
+        self.play = alsaaudio.PCM(alsaaudio.PCM_PLAYBACK, nb, device=self.names[0], **kw)
+        self.cap = alsaaudio.PCM(alsaaudio.PCM_CAPTURE, nb, device=self.names[1], **kw)
+        self.cap_poll = select.poll()
+        for fd, mask in self.cap.polldescriptors():
+            self.cap_poll.register(fd, mask)
 
     def close(self) -> None:
+        self._running = False
+        self._thread.join(5)
         self.play.close()
         self.cap.close()
 
+    def _run(self) -> None:
+        silence = np.zeros((PERIOD, CH), np.float32)
+        with realtime_priority(50):
+            for _ in range(HARNESS_PERIODS // 2):
+                self.play.write(silence)
+            self.cap.read()  # starts capture
+            k = 0
+            while self._running:
+                deadline = time.monotonic() + 2.0
+                while self._running:
+                    avail = self.cap.avail()
+                    if avail < 0 or avail >= PERIOD:
+                        break
+                    ready = self.cap_poll.poll(200)
+                    if ready:
+                        self.cap.polldescriptors_revents(ready)  # acknowledge (else: spin)
+                    if time.monotonic() > deadline:
+                        self.stuck = (f"no capture data for 2 s (capture state "
+                                      f"{self.cap.state()}, playback {self.play.state()})")
+                        deadline = time.monotonic() + 2.0
+                n, data = self.cap.read()
+                with self._lock:
+                    job = self._job
+                block = silence
+                if job is not None:
+                    i = job["k"]
+                    block = job["src"][i * PERIOD:(i + 1) * PERIOD]
+                    if job["on_block"]:
+                        job["on_block"](i)
+                w = self.play.write(block)
+                if job is not None:
+                    if n == PERIOD:
+                        job["rec"][i * PERIOD:(i + 1) * PERIOD] = \
+                            np.frombuffer(data, np.float32).reshape(-1, CH)
+                    if n != PERIOD or w != PERIOD:
+                        job["odd"].append((i, n, w))
+                    job["k"] += 1
+                    if job["k"] * PERIOD >= len(job["src"]):
+                        with self._lock:
+                            self._job = None
+                        job["done"].set()
+                k += 1
+
     def play_record(self, sig: np.ndarray, tail: int = 8192, on_block=None
                     ) -> tuple[np.ndarray, int]:
-        """Play sig (float32 [n, CH]) and record as long plus a tail; returns (rec, xruns)."""
+        """Play sig (float32 [n, CH]) and record as long plus a tail; returns (rec, xruns).
+
+        on_block(k) is called from the audio thread as block k goes out: keep it quick.
+        """
         total = sig.shape[0] + tail
         total += -total % PERIOD
         src = np.zeros((total, CH), np.float32)
         src[: sig.shape[0]] = sig
-        rec = np.zeros_like(src)
-        xruns = 0
-        self.play.drop()
-        self.cap.drop()
-        silence = np.zeros((PERIOD, CH), np.float32)
-        self.play.write(silence)
-        self.play.write(silence)
-        for k in range(total // PERIOD):
-            if on_block:
-                on_block(k)
-            if self.play.write(src[k * PERIOD:(k + 1) * PERIOD]) < 0:
-                xruns += 1
-            n, data = self.cap.read()
-            if n == PERIOD:
-                rec[k * PERIOD:(k + 1) * PERIOD] = np.frombuffer(data, np.float32).reshape(-1, CH)
-            else:
-                xruns += 1
-        return rec, xruns
+        job = {"src": src, "rec": np.zeros_like(src), "k": 0, "odd": [],
+               "on_block": on_block, "done": threading.Event()}
+        self.stuck = None
+        with self._lock:
+            self._job = job
+        if not job["done"].wait(total / RATE + 5.0):
+            with self._lock:
+                self._job = None
+            raise HarnessStuckError(f"the harness did not finish: {self.stuck}")
+        self.odd = job["odd"]
+        return job["rec"], len(self.odd)
 
 
 def noise(n: int, seed: int = 1, amp: float = 0.25) -> np.ndarray:

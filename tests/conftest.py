@@ -1,0 +1,34 @@
+"""Shared fixtures: a JACK dummy server with the rig's PCMs, per module."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from rig import Rig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """Compile the engine's kernels once (numba caches them), before any daemon starts:
+    a cold compile takes tens of seconds on a busy machine."""
+    from echoel.daemon import config
+    from echoel.daemon.rt_loop import precompile
+
+    for fmt in ("FLOAT_LE", "S16_LE", "S32_LE"):
+        precompile(config.defaults().with_value("engine.format", fmt))
+
+
+@pytest.fixture(scope="module")
+def rig():
+    """A JACK dummy server with box_cap/box_play/h_play/h_cap, patched."""
+    if not shutil.which("jackd"):
+        pytest.fail("jackd is missing: run `make setup` (installs jackd2)")
+    r = Rig.start()
+    yield r
+    r.stop()
