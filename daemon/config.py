@@ -142,7 +142,7 @@ def _table(where: str, section: str, raw: dict) -> dict[str, Any]:
     schema = SCHEMA[section]
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: [{section}] must be a table, got {raw!r}")
-    unknown = sorted(set(raw) - set(schema) - {"limiter", "eq"})
+    unknown = sorted(set(raw) - set(schema) - ({"limiter", "eq"} if section == "chain" else set()))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} in [{section}]; allowed: "
                           + ", ".join(sorted(schema)))
@@ -235,7 +235,8 @@ def is_live(dotted: str) -> bool:
     """True if a key can change while audio runs (a chain parameter)."""
     parts = dotted.split(".")
     if parts[:2] == ["chain", "eq"] and len(parts) == 4:
-        return SCHEMA["chain.eq"][parts[3]].live
+        spec = SCHEMA["chain.eq"].get(parts[3])
+        return bool(spec and spec.live)
     section, key = ".".join(parts[:-1]), parts[-1]
     spec = SCHEMA.get(section, {}).get(key)
     return bool(spec and spec.live)
@@ -298,9 +299,11 @@ def load(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -23,8 +23,12 @@ def segment_path(instance: str, name: str) -> Path:
     return SHM_DIR / full
 
 
-def create(path: Path, size: int) -> mmap.mmap:
-    """Create (or replace) a zero-filled segment of `size` bytes and map it."""
+def create(path: Path, size: int, init=None) -> mmap.mmap:
+    """Create (or replace) a zero-filled segment of `size` bytes and map it.
+
+    `init(mapping)` runs before the segment appears under its name, so nobody can attach
+    to a half-written header.
+    """
     tmp = path.with_name(path.name + ".new")
     fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o660)
     try:
@@ -34,6 +38,8 @@ def create(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
     m.write(b"\0" * size)  # fault every page in now, not in the real-time loop
     m.seek(0)
+    if init is not None:
+        init(m)
     os.replace(tmp, path)
     return m
 

@@ -91,24 +91,26 @@ class Ring:
     def _size(slots: int, width: int, dtype) -> int:
         return HEADER_WORDS * 8 + slots * 16 + slots * width * np.dtype(dtype).itemsize
 
-    @classmethod
-    def _init(cls, buf: mmap.mmap, path: Path, slots: int, width: int, dtype) -> Ring:
+    @staticmethod
+    def _write_header(buf: mmap.mmap, slots: int, width: int, dtype) -> None:
         h = np.frombuffer(buf, np.uint64, HEADER_WORDS)
-        h[H_MAGIC], h[H_VERSION], h[H_SLOTS] = MAGIC, 1, slots
+        h[H_VERSION], h[H_SLOTS] = 1, slots
         h[H_WIDTH], h[H_DTYPE] = width, DTYPE_CODES[np.dtype(dtype)]
-        return cls(buf, path)
+        h[H_MAGIC] = MAGIC  # last: a reader that sees the magic sees the rest
 
     @classmethod
     def create(cls, path: Path, slots: int, width: int, dtype=np.float32) -> Ring:
-        """Make a new, empty ring file."""
-        buf = shm_segment.create(path, cls._size(slots, width, dtype))
-        return cls._init(buf, path, slots, width, dtype)
+        """Make a new, empty ring file (it appears under its name fully initialised)."""
+        buf = shm_segment.create(path, cls._size(slots, width, dtype),
+                                 lambda m: cls._write_header(m, slots, width, dtype))
+        return cls(buf, path)
 
     @classmethod
     def private(cls, slots: int, width: int, dtype=np.float32) -> Ring:
         """A ring in anonymous memory (same types as a shared one: for warm-up and tests)."""
         buf = mmap.mmap(-1, cls._size(slots, width, dtype))
-        return cls._init(buf, Path("<private>"), slots, width, dtype)
+        cls._write_header(buf, slots, width, dtype)
+        return cls(buf, Path("<private>"))
 
     def like(self) -> Ring:
         """A private ring of the same shape and dtype."""

@@ -64,9 +64,12 @@ def process_block(x, y, p_tgt, p_cur, kinds, coef, z, lim, meters, rate, k_sub):
     start = 0
     while start < frames:
         stop = min(start + SUB, frames)
+        span = stop - start
+        # a short last sub-block moves the smoother by its own length, not a whole step
+        k = k_sub if span == SUB else 1.0 - (1.0 - k_sub) ** (span / SUB)
         # --- parameters for this sub-block
         g0 = 10.0 ** (p_cur[GAIN_DB] / 20.0)
-        p_cur[GAIN_DB] = _smooth(p_cur[GAIN_DB], p_tgt[GAIN_DB], k_sub)
+        p_cur[GAIN_DB] = _smooth(p_cur[GAIN_DB], p_tgt[GAIN_DB], k)
         g1 = 10.0 ** (p_cur[GAIN_DB] / 20.0)
         for b in range(nb):
             s = BAND_BASE + 3 * b
@@ -74,17 +77,16 @@ def process_block(x, y, p_tgt, p_cur, kinds, coef, z, lim, meters, rate, k_sub):
             for j in range(3):
                 old = p_cur[s + j]
                 if j == 1:
-                    p_cur[s + j] = _smooth(old, p_tgt[s + j], k_sub)
+                    p_cur[s + j] = _smooth(old, p_tgt[s + j], k)
                 else:
-                    p_cur[s + j] = _smooth_log(old, p_tgt[s + j], k_sub)
+                    p_cur[s + j] = _smooth_log(old, p_tgt[s + j], k)
                 if p_cur[s + j] != old:
                     changed = True
             if changed:
                 design_into(kinds[b], p_cur[s], p_cur[s + 1], p_cur[s + 2], rate, coef[b])
-        p_cur[lb] = _smooth(p_cur[lb], p_tgt[lb], k_sub)
-        p_cur[lb + 1] = _smooth(p_cur[lb + 1], p_tgt[lb + 1], k_sub)
+        p_cur[lb] = _smooth(p_cur[lb], p_tgt[lb], k)
+        p_cur[lb + 1] = _smooth(p_cur[lb + 1], p_tgt[lb + 1], k)
         # --- gain (interpolated per sample) and routing
-        span = stop - start
         for n in range(start, stop):
             if g0 == g1:
                 g = g1
@@ -104,6 +106,8 @@ def process_block(x, y, p_tgt, p_cur, kinds, coef, z, lim, meters, rate, k_sub):
                     s1 = b1 * xn - a1 * yn + s2
                     s2 = b2 * xn - a2 * yn
                     y[n, c] = yn
+                if not (math.isfinite(s1) and math.isfinite(s2)):
+                    s1 = s2 = 0.0  # a NaN/inf got in: forget it rather than keep it forever
                 z[b, c, 0] = s1
                 z[b, c, 1] = s2
         # --- soft-knee peak limiter, linked across channels, with a hard ceiling at 0 dBFS
@@ -140,7 +144,7 @@ def process_block(x, y, p_tgt, p_cur, kinds, coef, z, lim, meters, rate, k_sub):
                         v = -1.0
                     y[n, c] = v
                 lim[L_GAIN] = gain
-            lim[L_ENV] = env if env > DENORMAL else 0.0
+            lim[L_ENV] = env if env > DENORMAL and math.isfinite(env) else 0.0
         start = stop
     for b in range(nb):
         for c in range(cout):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -20,7 +22,8 @@ def decode(raw, scale, out):
     inv = 1.0 / scale
     for n in range(frames):
         for c in range(ch):
-            out[n, c] = raw[n * ch + c] * inv
+            v = raw[n * ch + c] * inv
+            out[n, c] = v if math.isfinite(v) else 0.0  # NaN/inf from a float source: silence
 
 
 @numba.njit(nogil=True, cache=True)
