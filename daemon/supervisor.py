@@ -70,6 +70,8 @@ class Supervisor:
         self.started = time.monotonic()
         self.bursts = BurstTracker(cfg["daemon"]["xrun_burst_ms"] * 1_000_000)
         self._reload_requested = False
+        self._missing_logged: dict = {}
+        self._text_seen = -1
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -229,7 +231,7 @@ class Supervisor:
                 self.bursts.add(direction, t)
             elif kind == EV_DEVICE_OPENED:
                 text = self.shared.read_text()
-                log.info("audio interface opened")
+                log.info("audio interface opened: %s", text.get("device"))
                 self._event("interface_found", device=text.get("device"))
             elif kind == EV_DEVICE_LOST:
                 problem = self.shared.read_text().get("problem")
@@ -259,6 +261,14 @@ class Supervisor:
             self.ready_sent = True
             systemd_notify.notify("READY=1", "STATUS=audio flowing")
             log.info("audio flowing: %s", status_line(self.status()))
+        version = int(f[F.TEXT_VERSION])
+        if f[F.STATE] == State.RUNNING and version != self._text_seen:
+            self._text_seen = version
+            missing = self.shared.read_text().get("missing_guarantees") or {}
+            if missing != self._missing_logged:
+                self._missing_logged = missing
+                for name, why in missing.items():
+                    log.warning("real-time guarantee missing: %s: %s", name, why)
         every = systemd_notify.watchdog_interval()
         if every is None:
             return

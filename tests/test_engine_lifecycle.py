@@ -104,6 +104,8 @@ def test_missing_privileges_are_named_and_audio_still_flows(rig):
         assert "sched_fifo" in miss and "RLIMIT_RTPRIO" in miss["sched_fifo"]
         assert "mlock" in miss and "LimitMEMLOCK" in miss["mlock"]
         assert "affinity" not in miss
+        d.wait_for(lambda s: "real-time guarantee missing: sched_fifo" in d.output(), 5,
+                   "the log line")
     finally:
         d.stop()
 
