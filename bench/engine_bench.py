@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -126,6 +127,8 @@ def run_condition(period: int, hog: bool, a: argparse.Namespace,
         rt_cpu = thread_cpu_shares(threads_before, machine.process_threads(status["engine_pid"]),
                                    time.monotonic() - t_flow)
         summary = engine.stop()
+        log(f"  bare capture loop on the same PCM (the stand-in's floor), {a.seconds:g} s ...")
+        row["bare_loop"] = run_bare_loop(stage, period, a)
         stop_process(demo, 5)
         stage.stop()
 
@@ -143,6 +146,19 @@ def run_condition(period: int, hog: bool, a: argparse.Namespace,
     row["latency"] = latency_figures(direct, through, period, a.prefill, a.rate)
     row["goal"] = judge(row)
     return row
+
+
+def run_bare_loop(stage: Stage, period: int, a: argparse.Namespace) -> dict:
+    """Jitter of a bare poll/read loop on box_cap: what the stand-in gives by itself."""
+    cmd = [sys.executable, str(Path(__file__).with_name("bare_loop.py")), "--pcm", "box_cap",
+           "--rate", str(a.rate), "--period", str(period), "--seconds", str(a.seconds),
+           "--priority", str(a.priority), "--cpu", str(a.cpu)]
+    r = subprocess.run(cmd, env=stage.env, capture_output=True, text=True,
+                       timeout=a.seconds + 60)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"bare loop failed ({r.returncode}): {r.stderr[-300:]}"}
 
 
 def measure_lag_through(stage: Stage, run: EngineRun, tries: int = 3) -> dict:
@@ -221,7 +237,10 @@ def judge(row: dict) -> dict:
     if storm:
         reasons.append(f"xrun storm: {xc + xp} xruns in {e['blocks']} blocks (the engine kept "
                        "restarting its streams)")
-    return {"jitter_p99_ratio": ratio, "xrun_floor": {"capture": floor_cap,
+    bare = (row.get("bare_loop") or {}).get("p99_us")
+    vs_bare = None if ej is None or not bare else round(ej / bare, 2)
+    return {"jitter_p99_ratio": ratio, "jitter_p99_vs_bare_loop": vs_bare,
+            "xrun_floor": {"capture": floor_cap,
                                                       "playback": floor_play},
             "xrun_storm": bool(storm), "met": not reasons, "why_not": reasons}
 
@@ -247,6 +266,7 @@ def _busiest(threads: list[dict] | None) -> str:
 def table(rows: list[dict]) -> str:
     """The terminal table: one line per period x hog condition, then the notes."""
     head = ["period", "hog", "eng jitter us", "cyclictest jitter us", "p99 ratio",
+            "bare loop jitter us", "vs bare",
             "xruns c/p (floor)", "DSP us", "r2w p99", "latency ms meas/cfg", "goal"]
     lines = []
     ok_rows = [r for r in rows if "error" not in r]
@@ -260,6 +280,9 @@ def table(rows: list[dict]) -> str:
             str(r["period"]), "yes" if r["hog"] else "no",
             _trio(e["wake_jitter"]), _trio(ct["jitter"]),
             "-" if g["jitter_p99_ratio"] is None else f"{g['jitter_p99_ratio']:.2f}",
+            _trio(r.get("bare_loop")),
+            "-" if g.get("jitter_p99_vs_bare_loop") is None
+            else f"{g['jitter_p99_vs_bare_loop']:.2f}",
             f"{e['xruns']['capture']}/{e['xruns']['playback']} "
             f"({g['xrun_floor']['capture']}/{g['xrun_floor']['playback']})",
             _trio(e["dsp"]), _f((e["read_to_write"] or {}).get("p99_us")), lat_s,
@@ -269,6 +292,8 @@ def table(rows: list[dict]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*x) for x in lines]
+    out.append("bare loop: a capture-only poll/read loop on the same JACK PCM, same priority "
+               "and CPU (the stand-in's own floor); vs bare: engine p99 / bare-loop p99")
     out.append("jitter, DSP: p50/p99/max; xruns: engine capture/playback (floor: cyclictest "
                "stalls over the capture/playback slack); latency: harness round trip through "
                "the engine minus the direct wire ('?': not clean: xruns or an unclear peak)")

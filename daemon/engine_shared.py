@@ -89,7 +89,6 @@ class C(IntEnum):
     """Control words (supervisor -> engine)."""
 
     STOP = 0
-    GENERATION = 1
     STALL_SEQ = 2  # diagnostic: bumped by the supervisor to stall the audio thread once
     STALL_MS = 3
     PROBE_SEQ = 4  # diagnostic: bumped to measure round-trip latency through a loopback

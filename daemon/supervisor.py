@@ -37,7 +37,6 @@ from echoel.daemon.engine_shared import (
 from echoel.daemon.hist_stats import summary_us
 from echoel.daemon.xrun_bursts import BurstTracker
 from echoel.drivers import systemd_notify
-from echoel.dsp.sample_format import FORMATS
 
 log = logging.getLogger("echoel.supervisor")
 MAX_STALL_MS = 5000
@@ -76,11 +75,7 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Create shared memory and sockets, then start the engine process."""
-        e = self.cfg["engine"]
-        sizes = RingSizes(e["period"], e["channels_in"], e["channels_out"],
-                          {t["name"]: (t["source"], t["slots"]) for t in self.cfg["taps"]})
-        EngineShared.remove(self.instance)
-        self.shared = EngineShared.create(self.instance, sizes)
+        self._create_shared()
         self.ctx = zmq.Context.instance()
         pub_ep, ctl_ep = bus.endpoints(self.rdir)
         self.pub = self.ctx.socket(zmq.PUB)
@@ -135,11 +130,11 @@ class Supervisor:
         self._stop_engine()
         if cfg is not None:
             self.cfg = cfg
-            self.start_shared_again()
+            self._create_shared()  # ring shapes may differ with the new config
         self._spawn()
 
-    def start_shared_again(self) -> None:
-        """Re-create the shared memory for a config whose ring shapes may differ."""
+    def _create_shared(self) -> None:
+        """(Re)create the engine's shared memory for the current config."""
         e = self.cfg["engine"]
         sizes = RingSizes(e["period"], e["channels_in"], e["channels_out"],
                           {t["name"]: (t["source"], t["slots"]) for t in self.cfg["taps"]})
@@ -475,11 +470,6 @@ def status_line(s: dict) -> str:
             f"period {s['period']} latency {s['latency_ms']:.2f} ms dsp {s['dsp_load_pct']:.1f}% "
             f"xruns {s['xruns']['capture']}/{s['xruns']['playback']}"
             + (f" missing: {','.join(miss)}" if miss else ""))
-
-
-def format_name(code: int) -> str:
-    """Format name for a FORMAT_CODE value."""
-    return list(FORMATS)[code]
 
 
 def write_summary(path: str | Path, summary: dict) -> None:
