@@ -204,20 +204,13 @@ class Config:
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
         node[parts[-1]] = value
-        return validate(_raw_of(data), f"change of {dotted} to {value!r}")
+        return validate(data, f"change of {dotted} to {value!r}")
 
     def changed_keys(self, other: Config) -> list[str]:
         """Dotted keys whose values differ between two configs."""
         out: list[str] = []
         _diff(self.data, other.data, "", out)
         return out
-
-
-def _raw_of(data: dict) -> dict:
-    """Turn a validated data dict back into TOML-shaped input."""
-    raw = copy.deepcopy(data)
-    raw["chain"]["eq"] = list(raw["chain"]["eq"])
-    return raw
 
 
 def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:

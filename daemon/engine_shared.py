@@ -105,7 +105,7 @@ class H(IntEnum):
 EXIT_DEVICE_LOST = 75  # engine process exit code: interface lost; restart at once, no backoff
 
 # event records (int64 x 4): kind, direction, monotonic ns, blocks
-EV_XRUN, EV_DEVICE_LOST, EV_DEVICE_OPENED, EV_POLL_TIMEOUT = 1, 2, 3, 4
+EV_XRUN, EV_DEVICE_LOST, EV_DEVICE_OPENED = 1, 2, 3
 DIR_CAPTURE, DIR_PLAYBACK, DIR_BOTH = 1, 2, 3
 
 

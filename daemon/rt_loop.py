@@ -18,7 +18,6 @@ from echoel.daemon.engine_shared import (
     DIR_BOTH,
     DIR_CAPTURE,
     DIR_PLAYBACK,
-    EV_POLL_TIMEOUT,
     EV_XRUN,
     HIST_BINS,
     C,
@@ -203,7 +202,6 @@ class AudioLoop:
                 t_wake = now()
                 if not ready:
                     f[F.POLL_TIMEOUTS] += 1
-                    self._event(EV_POLL_TIMEOUT, DIR_CAPTURE, t_wake)
                     return f"device lost: no audio from the capture device for {timeout} ms"
                 if revents(ready) & POLLGONE:
                     return "device lost: the capture device hung up"

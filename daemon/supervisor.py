@@ -24,7 +24,6 @@ from echoel.daemon import config as config_mod
 from echoel.daemon.engine_shared import (
     EV_DEVICE_LOST,
     EV_DEVICE_OPENED,
-    EV_POLL_TIMEOUT,
     EV_XRUN,
     EXIT_DEVICE_LOST,
     C,
@@ -232,8 +231,6 @@ class Supervisor:
                 problem = self.shared.read_text().get("problem")
                 log.warning("audio interface lost (%s); waiting for it to come back", problem)
                 self._event("interface_lost", reason=problem)
-            elif kind == EV_POLL_TIMEOUT:
-                pass  # reported as interface_lost right after
         latency = self.latency_ms()
         for b in self.bursts.poll(time.monotonic_ns()):
             log.warning(b.describe(latency))

@@ -6,7 +6,7 @@ its parameter values change live through the engine's parameter ring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from echoel.dsp.biquad_design import BAND_TYPES
@@ -36,7 +36,6 @@ class ChainSpec:
     limiter_threshold_db: float = -1.0
     limiter_release_ms: float = 80.0
     smoothing_ms: float = 10.0
-    names: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def n_params(self) -> int:
