@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ECHOEL := $(VENV)/bin/echoel
 APT_PACKAGES := python3-venv python3-dev gcc libasound2-dev libasound2-plugins jackd2 \
-	libsystemd-dev pkg-config rt-tests alsa-utils util-linux procps
+	libsystemd-dev pkg-config rt-tests alsa-utils util-linux procps \
+	mosquitto postgresql libsndfile1 ffmpeg fluidsynth fluid-soundfont-gm
 STAMP := $(VENV)/.installed
 DURATION ?=
 BENCH_SECONDS ?= 60
