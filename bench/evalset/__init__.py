@@ -1,0 +1,1 @@
+"""Evaluation material made at test and bench time (never committed): MIDI rendered to audio."""
