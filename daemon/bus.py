@@ -15,18 +15,24 @@ import zmq
 MAX_REQUEST_BYTES = 64 * 1024
 
 
-def run_dir(configured: str) -> Path:
-    """The runtime folder: configured, systemd's RUNTIME_DIRECTORY, /run/echoel, or /tmp."""
+def service_dir(configured: str, systemd_env: str, as_root: str, as_user: str | Path) -> Path:
+    """A folder: configured, else systemd's (e.g. RUNTIME_DIRECTORY), else a default (created)."""
     if configured:
         d = Path(configured)
-    elif os.environ.get("RUNTIME_DIRECTORY"):
-        d = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    elif os.environ.get(systemd_env):
+        d = Path(os.environ[systemd_env].split(":")[0])
     elif os.geteuid() == 0:
-        d = Path("/run/echoel")
+        d = Path(as_root)
     else:
-        d = Path(f"/tmp/echoel-{os.getuid()}")
+        d = Path(as_user)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def run_dir(configured: str) -> Path:
+    """The runtime folder: configured, systemd's RUNTIME_DIRECTORY, /run/echoel, or /tmp."""
+    return service_dir(configured, "RUNTIME_DIRECTORY", "/run/echoel",
+                       f"/tmp/echoel-{os.getuid()}")
 
 
 def endpoints(rdir: Path) -> tuple[str, str]:

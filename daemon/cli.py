@@ -50,6 +50,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_agent(args) -> int:
+    """The box's fleet agent (MQTT 5 with mutual TLS to the fleet's broker)."""
+    from echoel.daemon.fleet_agent import FleetAgent
+    from echoel.drivers.mqtt_tls import LinkConfigError
+
+    cfg = _load(args.config)
+    logs.setup(cfg["daemon"]["log_level"])
+    try:
+        agent = FleetAgent(cfg, sys.argv[1:] if args.config else ["agent"])
+    except LinkConfigError as exc:
+        print(f"echoel agent: {exc}", file=sys.stderr)
+        return 2
+    return agent.run(args.duration)
+
+
 def print_summary(s: dict) -> None:
     """The end-of-run summary, for a person."""
     print(f"\nsummary: {s['blocks']} blocks at {s['rate']} Hz, period {s['period']}, "
@@ -159,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("latency", "stall"))
     p.add_argument("ms", type=int, nargs="?", default=100)
     p.set_defaults(func=cmd_diag)
+
+    p = sub.add_parser("agent", help="the fleet agent: telemetry, events, commands, config")
+    p.add_argument("--config", help="TOML config file ([agent] section)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_agent)
+
+    from echoel.fleet.fleet_cli import add_fleet_parser
+    from echoel.provisioning.pki_cli import add_pki_parser
+
+    add_fleet_parser(sub)
+    add_pki_parser(sub)
 
     p = sub.add_parser("config", help="check a config file or list the keys")
     p.add_argument("action", choices=("check", "keys"))

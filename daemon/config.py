@@ -105,6 +105,30 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              10, 60000),
         "log_level": Key(str, "info", "log level", choices=("debug", "info", "warning",
                                                             "error")),
+        "state_dir": Key(str, "", "folder for state kept across restarts (fleet config, "
+                         "spool); empty: $STATE_DIRECTORY, /var/lib/echoel as root, else "
+                         "~/.local/state/echoel"),
+    },
+    "agent": {
+        "enabled": Key(bool, False, "connect to the fleet (`echoel agent`)"),
+        "broker_host": Key(str, "localhost", "the fleet's MQTT broker (TLS)"),
+        "broker_port": Key(int, 8883, "the broker's TLS port", 1, 65535),
+        "ca_file": Key(str, "/etc/echoel/pki/ca.crt", "the fleet CA certificate"),
+        "cert_file": Key(str, "/etc/echoel/pki/device.crt", "this box's certificate "
+                         "(CN = device id)"),
+        "key_file": Key(str, "/etc/echoel/pki/device.key", "this box's private key"),
+        "group": Key(str, "", "device group the box announces (the fleet may regroup it)"),
+        "telemetry_interval_s": Key(float, 10.0, "seconds between telemetry reports", 0.2,
+                                    3600.0),
+        "keepalive_s": Key(int, 30, "MQTT keepalive; the box is marked lost after 1.5x this",
+                           5, 3600),
+        "reconnect_max_s": Key(float, 60.0, "longest wait between reconnect attempts "
+                               "(exponential backoff with jitter)", 1.0, 3600.0),
+        "spool_max_messages": Key(int, 100000, "messages kept on disk while the broker is "
+                                  "unreachable; the oldest are dropped (and counted) beyond",
+                                  100, 10000000),
+        "allow_reboot": Key(bool, False, "accept the fleet's reboot command"),
+        "reboot_command": Key(str, "systemctl reboot", "what the reboot command runs"),
     },
 }
 ARRAYS = ("chain.eq", "taps")
@@ -138,8 +162,9 @@ def _check(where: str, key: str, spec: Key, value: Any) -> Any:
     return value
 
 
-def _table(where: str, section: str, raw: dict) -> dict[str, Any]:
-    schema = SCHEMA[section]
+def _table(where: str, section: str, raw: dict,
+           schema_map: dict[str, dict[str, Key]] | None = None) -> dict[str, Any]:
+    schema = (schema_map or SCHEMA)[section]
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: [{section}] must be a table, got {raw!r}")
     unknown = sorted(set(raw) - set(schema) - ({"limiter", "eq"} if section == "chain" else set()))
@@ -189,28 +214,39 @@ class Config:
 
     def with_value(self, dotted: str, value: Any) -> Config:
         """A copy with one key changed (validated), e.g. ('chain.eq.0.gain_db', -3.0)."""
+        return self.with_values({dotted: value}, f"change of {dotted} to {value!r}")
+
+    def with_values(self, values: dict[str, Any], source: str | None = None) -> Config:
+        """A copy with several keys changed, validated together: all of them or none."""
         data = copy.deepcopy(self.data)
-        parts = dotted.split(".")
-        node = data
-        for p in parts[:-1]:
-            if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"{dotted}: no item {p!r} (there are {len(node)})")
-                node = node[int(p)]
-            elif isinstance(node, dict) and p in node and isinstance(node[p], dict | list):
-                node = node[p]
-            else:
-                raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
-        node[parts[-1]] = value
-        return validate(data, f"change of {dotted} to {value!r}")
+        for dotted, value in values.items():
+            _set_dotted(data, dotted, value)
+        return validate(data, source or f"change of {', '.join(values) or 'nothing'}")
 
     def changed_keys(self, other: Config) -> list[str]:
         """Dotted keys whose values differ between two configs."""
         out: list[str] = []
         _diff(self.data, other.data, "", out)
         return out
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    if not isinstance(dotted, str) or not dotted:
+        raise ConfigError(f"{dotted!r}: a setting is a dotted name such as chain.gain_db")
+    parts = dotted.split(".")
+    node: Any = data
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"{dotted}: no item {p!r} (there are {len(node)})")
+            node = node[int(p)]
+        elif isinstance(node, dict) and p in node and isinstance(node[p], dict | list):
+            node = node[p]
+        else:
+            raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError(f"{dotted}: unknown setting; see `echoel config keys`")
+    node[parts[-1]] = value
 
 
 def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:
@@ -239,12 +275,12 @@ def validate(raw: dict, source: str = "<config>") -> Config:
     """Check a parsed TOML document against the schema; the whole of it or nothing."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a TOML table")
-    top = set(raw) - {"engine", "realtime", "chain", "daemon", "taps"}
+    top = set(raw) - {"engine", "realtime", "chain", "daemon", "taps", "agent"}
     if top:
-        raise ConfigError(f"{source}: unknown section [{sorted(top)[0]}]; allowed: chain, "
-                          "daemon, engine, realtime, taps")
+        raise ConfigError(f"{source}: unknown section [{sorted(top)[0]}]; allowed: agent, "
+                          "chain, daemon, engine, realtime, taps")
     data: dict[str, Any] = {}
-    for section in ("engine", "realtime", "daemon"):
+    for section in ("engine", "realtime", "daemon", "agent"):
         data[section] = _table(source, section, raw.get(section, {}))
     chain_raw = raw.get("chain", {})
     data["chain"] = _table(source, "chain", chain_raw)
@@ -286,6 +322,12 @@ def _cross_checks(source: str, d: dict) -> None:
     if not inst or not inst.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"{source} [daemon]: instance = {inst!r}: use letters, digits, "
                           "'_' or '-'")
+
+
+def check_table(where: str, section: str, raw: dict,
+                schema_map: dict[str, dict[str, Key]]) -> dict[str, Any]:
+    """Validate one table against another schema (the fleet service's, for example)."""
+    return _table(where, section, raw, schema_map)
 
 
 def load(path: str | Path) -> Config:

@@ -2,7 +2,8 @@
 
 Starts a JACK server on the dummy backend (paced in real time, no hardware), writes ALSA
 `jack` PCMs for the engine, starts a player of generated music patched into the engine's
-input, patches the engine's output to the server's (dummy) playback, runs the daemon with a
+input, patches the engine's output to the server's (dummy) playback, starts a fleet on
+loopback (CA, mosquitto with TLS, the fleet service, this box's agent), runs the daemon with a
 live status, and stops everything it started on Ctrl-C or after --duration.
 """
 
@@ -15,6 +16,7 @@ import sys
 
 from echoel.daemon import bus
 from echoel.daemon import config as config_mod
+from echoel.daemon.demo_fleet import DemoFleet
 from echoel.daemon.status_view import LiveView
 from echoel.daemon.supervisor import Supervisor, write_summary
 from echoel.drivers.jack_server import JackServer, Patchbay, alsa_env, jack_pcm_conf
@@ -46,6 +48,7 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
     jack.start()
     player = None
     patch = None
+    fleet = None
     try:
         player = subprocess.Popen([sys.executable, "-m", "echoel.daemon.demo_player",
                                    "--pcm", DEMO, "--rate", str(e["rate"]),
@@ -56,14 +59,23 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
                   for i in range(min(e["channels_out"], 2))]
         patch = Patchbay(jack, pairs)
         patch.start()
+        fleet = DemoFleet(rdir / "fleet", cfg)
+        fleet.start()
         sup = Supervisor(cfg, config_path)
         sup.start()
         view = LiveView() if show else None
-        summary = sup.run(duration, on_status=view.update if view else None)
+
+        def on_status(status: dict) -> None:
+            status["extra_lines"] = fleet.lines()
+            view.update(status)
+
+        summary = sup.run(duration, on_status=on_status if view else None)
         if summary_path:
             write_summary(summary_path, summary)
         return summary
     finally:
+        if fleet:
+            fleet.stop()
         if patch:
             patch.stop()
         if player:

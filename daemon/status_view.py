@@ -36,6 +36,7 @@ def render(s: dict) -> list[str]:
         lines.append(f"  limiter  -{s['limiter_gr_db']:.1f} dB")
     for name, why in (s.get("missing_guarantees") or {}).items():
         lines.append(f"  MISSING  {name}: {why}")
+    lines += s.get("extra_lines", [])  # other services' lines (fleet, analysis, notes)
     return lines
 
 
@@ -59,5 +60,6 @@ class LiveView:
             self._height = len(lines)
         elif time.monotonic() - self._last >= self.every:
             self._last = time.monotonic()
-            self.stream.write(" | ".join(x.strip() for x in lines[:4]) + "\n")
+            extra = status.get("extra_lines", [])
+            self.stream.write(" | ".join(x.strip() for x in lines[:4] + extra) + "\n")
         self.stream.flush()

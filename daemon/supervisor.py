@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from echoel.daemon import bus
+from echoel.daemon import bus, fleet_overlay
 from echoel.daemon import config as config_mod
 from echoel.daemon.engine_shared import (
     EV_DEVICE_LOST,
@@ -46,11 +46,15 @@ def _db(x: float) -> float:
     return round(20 * math.log10(x), 1) if x > 1e-10 else -200.0
 
 
+EVENTS_KEPT = 200  # the agent fetches missed events from here
+
+
 class Supervisor:
     """Owns the engine process and everything the engine shares."""
 
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None) -> None:
-        self.cfg = cfg
+        self.base_cfg = cfg  # the file's config; the fleet's overlay goes on top of it
+        self.cfg, self.fleet_version = fleet_overlay.effective(cfg)
         self.config_path = config_path
         self.instance = cfg["daemon"]["instance"]
         self.rdir = bus.run_dir(cfg["daemon"]["run_dir"])
@@ -64,12 +68,15 @@ class Supervisor:
         self._prev = (time.monotonic_ns(), 0, 0)
         self.levels: dict = {}
         self.events: list[dict] = []  # recent events, newest last
+        self.event_seq = 0  # events since this supervisor started (boot_id tells which)
+        self.boot_id = f"{os.getpid()}-{time.time_ns()}"
         self.stopping = False
         self.started = time.monotonic()
         self.bursts = BurstTracker(cfg["daemon"]["xrun_burst_ms"] * 1_000_000)
         self._reload_requested = False
         self._missing_logged: dict = {}
         self._text_seen = -1
+        self._problem_reported: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -212,8 +219,9 @@ class Supervisor:
         self._backoff = min(self._backoff * 2, 30.0)
 
     def _event(self, kind: str, **data) -> None:
-        ev = {"event": kind, "time": time.time(), **data}
-        self.events = ([*self.events, ev])[-50:]
+        self.event_seq += 1
+        ev = {"event": kind, "time": time.time(), "seq": self.event_seq, **data}
+        self.events = ([*self.events, ev])[-EVENTS_KEPT:]
         self.pub.send_multipart([b"event", json.dumps(ev).encode()])
 
     def _drain_events(self) -> None:
@@ -254,6 +262,14 @@ class Supervisor:
             systemd_notify.notify("READY=1", "STATUS=audio flowing")
             log.info("audio flowing: %s", status_line(self.status()))
         version = int(f[F.TEXT_VERSION])
+        if f[F.STATE] == State.SEARCHING and version != self._text_seen:
+            self._text_seen = version
+            problem = self.shared.read_text().get("problem")
+            if problem and problem != self._problem_reported:
+                self._problem_reported = problem
+                self._event("interface_missing", reason=problem)
+        elif f[F.STATE] == State.RUNNING:
+            self._problem_reported = None
         if f[F.STATE] == State.RUNNING and version != self._text_seen:
             self._text_seen = version
             missing = self.shared.read_text().get("missing_guarantees") or {}
@@ -338,6 +354,7 @@ class Supervisor:
                        "rejected": int(f[F.PARAMS_REJECTED])},
             "tap_overflows": int(f[F.TAP_OVERFLOWS]),
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "events": {"boot": self.boot_id, "seq": self.event_seq},
         }
 
     def summary(self) -> dict:
@@ -368,12 +385,22 @@ class Supervisor:
             return self.set_value(key, value)
         if cmd == "reload":
             return self.reload()
+        if cmd == "events":
+            since = req.get("since", 0)
+            if isinstance(since, bool) or not isinstance(since, int):
+                raise ValueError(f"'events' needs an integer 'since', got {since!r}")
+            return {"ok": True, "boot": self.boot_id, "seq": self.event_seq,
+                    "events": [e for e in self.events if e["seq"] > since]}
+        if cmd == "apply":
+            return self.apply_fleet(req.get("values"), req.get("version"))
+        if cmd == "restart":
+            return self.restart_service(req.get("service"))
         if cmd == "stall":
             return self.stall(req.get("ms"))
         if cmd == "probe":
             return self.probe()
         return {"ok": False, "error": f"unknown command {cmd!r}; allowed: status, summary, "
-                "config, set, reload, stall, probe"}
+                "config, set, reload, apply, restart, events, stall, probe"}
 
     def probe(self, timeout: float = 2.0) -> dict:
         """Diagnostic: measure round-trip latency through a loopback (output wired to input).
@@ -426,16 +453,53 @@ class Supervisor:
         if not self.config_path:
             return {"ok": False, "error": "running on built-in defaults: no file to reload"}
         try:
-            new = config_mod.load(self.config_path)
+            base = config_mod.load(self.config_path)
         except config_mod.ConfigError as exc:
             log.error("config reload refused, keeping the running config: %s", exc)
             return {"ok": False, "error": str(exc)}
-        return self._apply(new)
+        new, version = fleet_overlay.effective(base)
+        res = self._apply(new)
+        if res["ok"]:
+            self.base_cfg, self.fleet_version = base, version
+        return res
+
+    def apply_fleet(self, values, version) -> dict:
+        """Apply the fleet's desired config (all keys or none) and keep it for restarts."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            return {"ok": False, "error": f"version = {version!r}: must be a positive integer"}
+        try:
+            fleet_overlay.check_remote(values)
+            new = self.base_cfg.with_values(values, f"fleet config v{version}")
+        except config_mod.ConfigError as exc:
+            log.warning("refused the fleet's config v%s (staying on v%s): %s", version,
+                        self.fleet_version, exc)
+            return {"ok": False, "error": str(exc), "version": self.fleet_version}
+        res = self._apply(new)
+        if res["ok"]:
+            path = fleet_overlay.state_dir(self.base_cfg) / fleet_overlay.OVERLAY_NAME
+            fleet_overlay.write(path, version, values)
+            self.fleet_version = version
+            log.info("fleet config v%d applied (%s)", version, res.get("applied"))
+        res["version"] = self.fleet_version
+        return res
+
+    def restart_service(self, service) -> dict:
+        """Restart a part of the stack on request ('engine': the audio engine process)."""
+        if service != "engine":
+            return {"ok": False, "error": f"service = {service!r}: allowed: 'engine'"}
+        log.warning("restarting the audio engine on request")
+        self.restart_engine()
+        return {"ok": True, "restarted": "engine"}
 
     def _apply(self, new: config_mod.Config) -> dict:
-        changed = self.cfg.changed_keys(new)
-        if not changed:
+        all_changed = self.cfg.changed_keys(new)
+        if not all_changed:
             return {"ok": True, "applied": "nothing changed", "changed": []}
+        # the fleet agent reads its own section; the engine does not need to hear of it
+        changed = [k for k in all_changed if not k.startswith("agent.")]
+        if not changed:
+            self.cfg = new
+            return {"ok": True, "applied": "agent settings", "changed": all_changed}
         if new["daemon"]["instance"] != self.instance or \
                 new["daemon"]["run_dir"] != self.cfg["daemon"]["run_dir"]:
             return {"ok": False, "error": "[daemon] instance and run_dir change only with a "
@@ -450,11 +514,11 @@ class Supervisor:
                             "taking changes (is it running?); try again"}
             self.cfg = new
             log.info("live change: %s", ", ".join(changed))
-            return {"ok": True, "applied": "live", "changed": changed}
+            return {"ok": True, "applied": "live", "changed": all_changed}
         log.info("config change needs the stream reopened (%s): restarting the engine",
                  ", ".join(changed))
         self.restart_engine(new)
-        return {"ok": True, "applied": "engine restarted", "changed": changed}
+        return {"ok": True, "applied": "engine restarted", "changed": all_changed}
 
 
 def status_line(s: dict) -> str:

@@ -6,6 +6,7 @@ Each server has its own name (JACK_DEFAULT_SERVER), so several can run side by s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -47,6 +48,23 @@ def alsa_env(conf_path: Path, server: str) -> dict[str, str]:
     }
 
 
+def clear_stale_shm() -> int:
+    """Remove JACK's shared memory when no jackd runs on this machine; returns files removed.
+
+    JACK's registry has 8 server slots and a jackd that was killed keeps its slot for good:
+    after a few crashes no server starts ("jackd exited at start"). With no jackd alive, the
+    files are stale by definition.
+    """
+    if subprocess.run(["pgrep", "-x", "jackd"], capture_output=True).returncode == 0:
+        return 0
+    n = 0
+    for p in Path("/dev/shm").glob("jack*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
 class JackServer:
     """jackd -d dummy, started and stopped by us."""
 
@@ -66,6 +84,7 @@ class JackServer:
         """Start jackd and wait until it answers."""
         if not shutil.which("jackd"):
             raise JackError("jackd is not installed: `apt-get install jackd2` (make setup does)")
+        clear_stale_shm()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             ["jackd", "-n", self.name, "-R", "-P", str(self.priority), "-d", "dummy",

@@ -33,7 +33,14 @@ DOCUMENTED_DEFAULTS = {
     "taps": [],
     "daemon": {
         "instance": "main", "run_dir": "", "status_interval_ms": 250, "xrun_burst_ms": 1000,
-        "log_level": "info",
+        "log_level": "info", "state_dir": "",
+    },
+    "agent": {
+        "enabled": False, "broker_host": "localhost", "broker_port": 8883,
+        "ca_file": "/etc/echoel/pki/ca.crt", "cert_file": "/etc/echoel/pki/device.crt",
+        "key_file": "/etc/echoel/pki/device.key", "group": "", "telemetry_interval_s": 10.0,
+        "keepalive_s": 30, "reconnect_max_s": 60.0, "spool_max_messages": 100000,
+        "allow_reboot": False, "reboot_command": "systemctl reboot",
     },
 }
 
@@ -190,7 +197,7 @@ def test_edges_of_what_is_allowed_load(tmp_path, text):
 BAD = [
     # unknown section / key
     ("unknown-section", "[engin]\nperiod = 64\n",
-     ["unknown section [engin]", "allowed: chain, daemon, engine, realtime, taps"]),
+     ["unknown section [engin]", "allowed: agent, chain, daemon, engine, realtime, taps"]),
     ("unknown-key", "[engine]\nperiods_ = 4\n",
      ["unknown key 'periods_'", "[engine]", "allowed: " + ENGINE_KEYS]),
     ("unknown-key-named-like-a-subtable", "[engine]\neq = 1\n",
@@ -507,7 +514,7 @@ def test_describe_keys_mentions_every_key():
     blocks = re.split(r"^(\[\[?[a-z.]+\]\]?)$", text, flags=re.M)
     by_head = dict(zip(blocks[1::2], blocks[2::2], strict=True))
     expected_heads = ["[engine]", "[realtime]", "[chain]", "[chain.limiter]", "[[chain.eq]]",
-                      "[[taps]]", "[daemon]"]
+                      "[[taps]]", "[daemon]", "[agent]"]
     assert list(by_head) == expected_heads
     for section, keys in config.SCHEMA.items():
         head = f"[[{section}]]" if section in ("chain.eq", "taps") else f"[{section}]"
