@@ -47,6 +47,7 @@ from bench_rig import (
     stop_process,
 )
 from cyclic import run as run_cyclictest
+from echoel.drivers.jack_server import clear_stale_shm
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -362,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     a = parse_args(argv)
+    clear_stale_shm()  # before any JACK client exists in this process
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     periods = [int(p) for p in a.periods.split(",") if p.strip()]

@@ -19,7 +19,13 @@ from echoel.daemon import config as config_mod
 from echoel.daemon.demo_fleet import DemoFleet
 from echoel.daemon.status_view import LiveView
 from echoel.daemon.supervisor import Supervisor, write_summary
-from echoel.drivers.jack_server import JackServer, Patchbay, alsa_env, jack_pcm_conf
+from echoel.drivers.jack_server import (
+    JackServer,
+    Patchbay,
+    alsa_env,
+    clear_stale_shm,
+    jack_pcm_conf,
+)
 
 log = logging.getLogger("echoel.demo")
 CAP, PLAY, DEMO = "echoel_cap", "echoel_play", "echoel_demo"
@@ -44,6 +50,7 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
                                    DEMO: ("playback", e["channels_in"])}))
     server_name = f"echoel-{cfg['daemon']['instance']}"
     os.environ.update(alsa_env(conf, server_name))
+    clear_stale_shm()
     jack = JackServer(server_name, e["rate"], e["period"], log_path=rdir / "jackd.log")
     jack.start()
     player = None

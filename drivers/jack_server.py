@@ -53,7 +53,8 @@ def clear_stale_shm() -> int:
 
     JACK's registry has 8 server slots and a jackd that was killed keeps its slot for good:
     after a few crashes no server starts ("jackd exited at start"). With no jackd alive, the
-    files are stale by definition.
+    files are stale by definition. Call it only before any JACK client exists in this process:
+    libjack keeps the registry it first mapped, and would not find servers in a new one.
     """
     if subprocess.run(["pgrep", "-x", "jackd"], capture_output=True).returncode == 0:
         return 0
@@ -84,7 +85,6 @@ class JackServer:
         """Start jackd and wait until it answers."""
         if not shutil.which("jackd"):
             raise JackError("jackd is not installed: `apt-get install jackd2` (make setup does)")
-        clear_stale_shm()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             ["jackd", "-n", self.name, "-R", "-P", str(self.priority), "-d", "dummy",

@@ -10,7 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from echoel.drivers.jack_server import clear_stale_shm
 from rig import Rig
+
+
+def pytest_sessionstart(session) -> None:
+    """JACK servers killed in earlier runs leave their registry slots taken (8 in all): free
+    them while no jackd runs and before this process has any JACK client."""
+    clear_stale_shm()
 
 
 @pytest.fixture(scope="session", autouse=True)
