@@ -43,8 +43,14 @@ test: setup
 test-e2e: setup
 	@echo "test-e2e: no end-to-end image tests yet (they come with the image recipe, issue 8)"
 
+BENCH_AREAS ?= engine dsp ml fleet
+
+# `make bench`: every area; BENCH_AREAS="dsp" for one; BENCH_QUICK=1 for short runs.
 bench: setup
-	$(PY) bench/engine_bench.py --seconds $(BENCH_SECONDS)
+	@if [[ " $(BENCH_AREAS) " == *" engine "* ]]; then \
+		$(PY) bench/engine_bench.py --seconds $(BENCH_SECONDS); fi
+	$(PY) bench/bench_all.py $(if $(BENCH_QUICK),--quick) \
+		$(foreach a,$(filter-out engine,$(BENCH_AREAS)),--only $(a))
 
 lint: setup
 	$(PY) -m ruff check .
