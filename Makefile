@@ -13,9 +13,18 @@ STAMP := $(VENV)/.installed
 DURATION ?=
 BENCH_SECONDS ?= 60
 
-.PHONY: setup apt run test test-e2e bench lint clean
+MODELS := build/models
+MODEL_STAMP := $(MODELS)/basic-pitch/active
 
-setup: apt $(STAMP)
+.PHONY: setup apt models run test test-e2e bench lint clean
+
+setup: apt $(STAMP) $(MODEL_STAMP)
+
+# On-device models are fetched, never committed: basic-pitch's nmp.tflite from its PyPI wheel
+# (sha256-checked), installed into the model store under build/models.
+models: $(MODEL_STAMP)
+$(MODEL_STAMP): | $(STAMP)
+	$(PY) -m echoel.daemon.model_fetch --store $(MODELS)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \

@@ -180,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_agent)
 
+    from echoel.daemon.models_cli import add_models_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
     from echoel.provisioning.pki_cli import add_pki_parser
 
     add_fleet_parser(sub)
     add_pki_parser(sub)
+    add_models_parser(sub)
 
     p = sub.add_parser("config", help="check a config file or list the keys")
     p.add_argument("action", choices=("check", "keys"))

@@ -1,16 +1,20 @@
 """The audio loop's memory, measured: it keeps nothing it allocates, and the little it does
 allocate per block (pyalsaaudio's read() returns a new bytes object) does not grow with time.
 
-Runs the real loop in this process on JACK PCMs with tracemalloc on; nothing else in the
+Runs the real loop in a fresh process on JACK PCMs with tracemalloc on; nothing else in that
 process allocates meanwhile (the rig's patchbay is stopped).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 import uuid
+from pathlib import Path
 
 from echoel.daemon import config
 from echoel.daemon.engine_shared import C, EngineShared, F, RingSizes
@@ -35,9 +39,8 @@ def run_traced(loop: AudioLoop, shared: EngineShared, seconds: float) -> tuple[i
     return int(shared.fields[F.BLOCKS]) - b0, current - start, peak - start
 
 
-def test_audio_loop_keeps_no_allocation_and_its_peak_does_not_grow(rig):
-    rig.patch.stop()
-    instance = f"alloc{uuid.uuid4().hex[:6]}"
+def measure(instance: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Open the rig's PCMs in this process and trace two runs of the loop (1 s and 3 s)."""
     cfg = config.validate({
         "engine": {"capture_device": "box_cap", "playback_device": "box_play",
                    "format": "FLOAT_LE", "period": PERIOD, "channels_in": CH,
@@ -60,6 +63,20 @@ def test_audio_loop_keeps_no_allocation_and_its_peak_does_not_grow(rig):
         play.close()
     finally:
         EngineShared.remove(instance)
+    return short, long
+
+
+def test_audio_loop_keeps_no_allocation_and_its_peak_does_not_grow(rig):
+    rig.patch.stop()
+    # a fresh process: nothing else allocates there, and no JACK/ALSA client state is left
+    # from earlier tests in this one
+    instance = f"alloc{uuid.uuid4().hex[:6]}"
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_rt_allocation import measure; print(json.dumps(measure({instance!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    short, long = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"\nloop memory (blocks, held bytes, peak bytes): 1 s {short}, 3 s {long}")
     for blocks, seconds in ((short[0], 1.0), (long[0], 3.0)):
         assert blocks > 0.5 * seconds * RATE / PERIOD, (short, long)
