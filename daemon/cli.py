@@ -65,6 +65,31 @@ def cmd_agent(args) -> int:
     return agent.run(args.duration)
 
 
+def cmd_analyzer(args) -> int:
+    """The live analysis service on the engine's analysis tap."""
+    from echoel.daemon.analysis_service import AnalysisService
+
+    cfg = _load(args.config)
+    logs.setup(cfg["daemon"]["log_level"])
+    return AnalysisService(cfg, args.tap).run(args.duration)
+
+
+def cmd_transcriber(args) -> int:
+    """Live audio-to-MIDI on the engine's notes tap."""
+    from echoel.daemon.model_store import ModelRefusedError
+    from echoel.daemon.transcriber_process import TranscriberProcess
+
+    cfg = _load(args.config)
+    logs.setup(cfg["daemon"]["log_level"])
+    try:
+        proc = TranscriberProcess(cfg, args.store, args.tap, args.midi, args.smf)
+    except ModelRefusedError as exc:
+        print(f"echoel transcriber: {exc}; install one with `echoel models install` or "
+              "`make models`", file=sys.stderr)
+        return 2
+    return proc.run(args.duration)
+
+
 def print_summary(s: dict) -> None:
     """The end-of-run summary, for a person."""
     print(f"\nsummary: {s['blocks']} blocks at {s['rate']} Hz, period {s['period']}, "
@@ -180,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_agent)
 
+    p = sub.add_parser("analyzer", help="live analysis of the engine's audio (loudness, tuner, "
+                       "key, chords) published on the local bus")
+    p.add_argument("--config", help="TOML config file (needs a [[taps]] named like --tap)")
+    p.add_argument("--tap", default="analysis")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_analyzer)
+
     from echoel.daemon.models_cli import add_models_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
     from echoel.provisioning.pki_cli import add_pki_parser
@@ -187,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_parser(sub)
     add_pki_parser(sub)
     add_models_parser(sub)
+    p = sub.add_parser("transcriber", help="live audio-to-MIDI (basic-pitch on LiteRT) on the "
+                       "engine's notes tap: MIDI port, MIDI file, notes on the local bus")
+    p.add_argument("--config", help="TOML config file (needs a [[taps]] named like --tap)")
+    p.add_argument("--tap", default="notes")
+    p.add_argument("--store", default="build/models", help="model store folder")
+    p.add_argument("--midi", choices=("alsa", "jack", "none"), default="alsa",
+                   help="MIDI port API (alsa on the box; jack where JACK is the sound card)")
+    p.add_argument("--smf", help="also write the notes to this Standard MIDI File at the end")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_transcriber)
+
+
 
     p = sub.add_parser("config", help="check a config file or list the keys")
     p.add_argument("action", choices=("check", "keys"))

@@ -17,6 +17,7 @@ import sys
 from echoel.daemon import bus
 from echoel.daemon import config as config_mod
 from echoel.daemon.demo_fleet import DemoFleet
+from echoel.daemon.demo_services import DemoServices, with_service_taps
 from echoel.daemon.status_view import LiveView
 from echoel.daemon.supervisor import Supervisor, write_summary
 from echoel.drivers.jack_server import (
@@ -41,7 +42,7 @@ def demo_config(base: config_mod.Config) -> config_mod.Config:
 def run_demo(base: config_mod.Config, duration: float | None, show: bool,
              summary_path: str | None, config_path: str | None = None) -> dict:
     """Run the whole demo stack; returns the daemon's summary."""
-    cfg = demo_config(base)
+    cfg = with_service_taps(demo_config(base))
     e = cfg["engine"]
     rdir = bus.run_dir(cfg["daemon"]["run_dir"])
     conf = rdir / "asound-demo.conf"
@@ -56,6 +57,7 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
     player = None
     patch = None
     fleet = None
+    services = None
     try:
         player = subprocess.Popen([sys.executable, "-m", "echoel.daemon.demo_player",
                                    "--pcm", DEMO, "--rate", str(e["rate"]),
@@ -68,12 +70,14 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
         patch.start()
         fleet = DemoFleet(rdir / "fleet", cfg)
         fleet.start()
+        services = DemoServices(rdir / "services", cfg)
+        services.start()
         sup = Supervisor(cfg, config_path)
         sup.start()
         view = LiveView() if show else None
 
         def on_status(status: dict) -> None:
-            status["extra_lines"] = fleet.lines()
+            status["extra_lines"] = services.lines() + fleet.lines()
             view.update(status)
 
         summary = sup.run(duration, on_status=on_status if view else None)
@@ -81,6 +85,8 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
             write_summary(summary_path, summary)
         return summary
     finally:
+        if services:
+            services.stop()
         if fleet:
             fleet.stop()
         if patch:
