@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 AREAS = {
-    "dsp": ["bench.dsp_loudness", "bench.dsp_filters", "bench.dsp_pitch", "bench.dsp_chords"],
+    "dsp": ["bench.dsp_loudness", "bench.dsp_filters", "bench.dsp_pitch", "bench.dsp_chords",
+            "bench.analyze_bench"],
     "ml": ["bench.ml_bench"],
     "fleet": ["bench.fleet_bench"],
 }
@@ -49,6 +50,11 @@ def table(rows: list[dict]) -> str:
     out += ["  ".join(x[:40].ljust(w) for x, w in zip(row, widths, strict=True))
             for row in cells]
     return "\n".join(out)
+
+
+def _plain(o):
+    """numpy scalars (and anything else odd) as plain JSON values."""
+    return o.item() if hasattr(o, "item") else str(o)
 
 
 def main() -> int:
@@ -87,7 +93,7 @@ def main() -> int:
                            "platform": platform.platform()},
                "rows": rows}
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.write_text(json.dumps(doc, indent=1, default=_plain))
         tmp.replace(out)
     return 1 if failed else 0
 

@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_transcriber)
 
+    from echoel.daemon.analyze_cli import add_analyze_parser
 
+    add_analyze_parser(sub)
 
     p = sub.add_parser("config", help="check a config file or list the keys")
     p.add_argument("action", choices=("check", "keys"))
