@@ -82,10 +82,14 @@ def cmd_transcriber(args) -> int:
     cfg = _load(args.config)
     logs.setup(cfg["daemon"]["log_level"])
     try:
-        proc = TranscriberProcess(cfg, args.store, args.tap, args.midi, args.smf)
+        proc = TranscriberProcess(cfg, args.store, args.tap, args.midi, args.smf,
+                                  args.threads, args.workers)
     except ModelRefusedError as exc:
         print(f"echoel transcriber: {exc}; install one with `echoel models install` or "
               "`make models`", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # --threads/--workers out of range
+        print(f"echoel transcriber: {exc}", file=sys.stderr)
         return 2
     return proc.run(args.duration)
 
@@ -227,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--midi", choices=("alsa", "jack", "none"), default="alsa",
                    help="MIDI port API (alsa on the box; jack where JACK is the sound card)")
     p.add_argument("--smf", help="also write the notes to this Standard MIDI File at the end")
+    p.add_argument("--threads", type=int, default=1, help="LiteRT threads per interpreter")
+    p.add_argument("--workers", type=int, default=1, help="interpreters working in parallel")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_transcriber)
 

@@ -83,7 +83,8 @@ class TranscriberProcess:
     """The service with its tap, MIDI port, MIDI file and bus."""
 
     def __init__(self, cfg: config_mod.Config, store: str, tap: str = TAP,
-                 midi_api: str = "alsa", smf_path: str | None = None) -> None:
+                 midi_api: str = "alsa", smf_path: str | None = None, threads: int = 1,
+                 workers: int = 1) -> None:
         e = cfg["engine"]
         taps = {t["name"]: t for t in cfg["taps"]}
         if tap not in taps:
@@ -112,7 +113,8 @@ class TranscriberProcess:
         self.recent: deque[dict] = deque(maxlen=8)
         self.sounding: set[int] = set()
         self.svc = TranscriberService.from_store(
-            store, cfg=ServiceConfig(stream=StreamConfig(rate_in=self.rate)), midi=self.midi,
+            store, cfg=ServiceConfig(stream=StreamConfig(rate_in=self.rate), threads=threads,
+                                     workers=workers), midi=self.midi,
             smf=self.smf, publish=self._publish)
         self.svc.keep_emitted = False
 
