@@ -11,7 +11,10 @@ count travels in telemetry.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
+
+PLAUSIBLE_EPOCH_S = 1_700_000_000  # 2023-11: a clock before this is not set yet
 
 
 class Spool:
@@ -26,7 +29,11 @@ class Spool:
         self.db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, "
                         "topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER)")
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('dropped', 0)")
+        # a new spool (a new or reflashed box) starts its sequence at the clock in ms when the
+        # clock is plausible, so a reflashed box's messages never collide with its history
+        first = time.time_ns() // 1_000_000 if time.time() > PLAUSIBLE_EPOCH_S else 1
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', ?), ('dropped', 0)",
+                        (first,))
         self.depth = self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     def _meta(self, key: str) -> int:

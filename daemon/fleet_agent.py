@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,17 @@ class SeqFile:
         return self.value
 
 
+def incarnation(path: Path) -> str:
+    """This box's incarnation: made once per state folder (a reflashed box gets a new one,
+    so the fleet knows its counters started again)."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        value = uuid.uuid4().hex
+        path.write_text(value)
+        return value
+
+
 def link_from(cfg: config_mod.Config) -> BrokerLink:
     """The broker link described by the [agent] section."""
     a = cfg["agent"]
@@ -89,6 +101,7 @@ class FleetAgent:
         self.rdir = bus.run_dir(base["daemon"]["run_dir"])
         self.spool = Spool(self.sdir / "spool.sqlite", self.cfg["agent"]["spool_max_messages"])
         self.conn_seq = SeqFile(self.sdir / "agent-seq")
+        self.incarnation = incarnation(self.sdir / "agent-incarnation")
         self.client = make_client(self.link, self.device_id)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -124,8 +137,8 @@ class FleetAgent:
     # ------------------------------------------------------------------ connection
     def _birth(self, state: str) -> bytes:
         return encode({"schema": SCHEMA_VERSION, "state": state, "seq": self.conn_seq.value,
-                       "ts": time.time(), "software": software_version(),
-                       "group": self.cfg["agent"]["group"]})
+                       "incarnation": self.incarnation, "ts": time.time(),
+                       "software": software_version(), "group": self.cfg["agent"]["group"]})
 
     def _connect(self) -> None:
         seq = self.conn_seq.next()

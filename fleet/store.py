@@ -20,7 +20,8 @@ SCHEMA = [
         id TEXT PRIMARY KEY, grp TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT 'unknown',
         state_seq BIGINT NOT NULL DEFAULT 0, state_ts DOUBLE PRECISION, last_seen DOUBLE
         PRECISION, software TEXT, last_telemetry TEXT, config_version INTEGER NOT NULL DEFAULT 0,
-        config_status TEXT, config_error TEXT)""",
+        config_status TEXT, config_error TEXT, last_seq BIGINT NOT NULL DEFAULT 0,
+        incarnation TEXT)""",
     """CREATE TABLE IF NOT EXISTS telemetry (device TEXT NOT NULL, seq BIGINT NOT NULL,
         ts DOUBLE PRECISION, received DOUBLE PRECISION, payload TEXT NOT NULL,
         PRIMARY KEY (device, seq))""",
@@ -75,6 +76,17 @@ class FleetStore:
         with self.tx() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store made by an older version up to this schema."""
+        for col, decl in (("last_seq", "BIGINT NOT NULL DEFAULT 0"), ("incarnation", "TEXT")):
+            try:
+                with self.tx() as cur:
+                    cur.execute(f"SELECT {col} FROM devices LIMIT 0")
+            except Exception:
+                with self.tx() as cur:
+                    cur.execute(f"ALTER TABLE devices ADD COLUMN {col} {decl}")
 
     def _sql(self, q: str) -> str:
         return q.replace("?", "%s") if self.pg else q
@@ -152,20 +164,29 @@ class FleetStore:
             for row in tele:
                 if row[0] not in last or row[1] > last[row[0]][1]:
                     last[row[0]] = row
-            cur.executemany("UPDATE devices SET last_seen = ?, last_telemetry = ? WHERE id = ?",
-                            [(now, r[4], d) for d, r in last.items()])
+            # workers store batches in parallel: an older batch never replaces newer telemetry
+            cur.executemany("UPDATE devices SET last_seen = ?, last_telemetry = ?, last_seq = ? "
+                            "WHERE id = ? AND last_seq < ?",
+                            [(now, r[4], r[1], d, r[1]) for d, r in last.items()])
             seen = {d for d, leaf, _ in batch if leaf == "events"} - set(last)
             cur.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
                             [(now, d) for d in seen])
 
     @staticmethod
     def _state(cur, device: str, doc: dict, now: float) -> None:
-        """Birth/death: a message from an older connection (lower seq) never wins."""
+        """Birth/death: a message from an older connection (lower seq) never wins. A box that
+        was reflashed (a new incarnation: its counters start again) is taken as new."""
         seq = int(doc.get("seq", 0))
         state = str(doc.get("state", "unknown"))
-        row = cur.execute("SELECT state_seq FROM devices WHERE id = ?", (device,)).fetchone()
-        if row and seq < int(row[0]):
+        inc = doc.get("incarnation")
+        row = cur.execute("SELECT state_seq, incarnation FROM devices WHERE id = ?",
+                          (device,)).fetchone()
+        if row and inc and row[1] and inc != row[1]:
+            cur.execute("UPDATE devices SET state_seq = 0, last_seq = 0 WHERE id = ?", (device,))
+        elif row and seq < int(row[0]):
             return
+        if inc:
+            cur.execute("UPDATE devices SET incarnation = ? WHERE id = ?", (inc, device))
         cur.execute("UPDATE devices SET state = ?, state_seq = ?, state_ts = ?, last_seen = ?, "
                     "software = COALESCE(?, software), grp = CASE WHEN grp = '' THEN "
                     "COALESCE(?, '') ELSE grp END WHERE id = ?",

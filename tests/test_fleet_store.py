@@ -36,7 +36,12 @@ def test_state_from_an_older_connection_never_wins(store):
     assert (d["state"], d["state_seq"], d["software"]) == ("online", 4, "1.2")
     store.ingest([("b1", "state", {"state": "lost", "seq": 4})])  # this connection's will
     assert store.device("b1")["state"] == "lost"
-    store.ingest([("b1", "state", {"state": "online", "seq": 5})])
+    store.ingest([("b1", "state", {"state": "online", "seq": 5, "incarnation": "a"})])
+    assert store.device("b1")["state"] == "online"
+    # reflashed: its counters start again, with a new incarnation; taken as new
+    store.ingest([("b1", "state", {"state": "online", "seq": 1, "incarnation": "b"})])
+    assert store.device("b1")["state_seq"] == 1
+    store.ingest([("b1", "state", {"state": "lost", "seq": 0, "incarnation": "b"})])
     assert store.device("b1")["state"] == "online"
 
 
@@ -46,6 +51,8 @@ def test_telemetry_stored_once_and_latest_kept(store):
     store.ingest(batch)
     store.ingest(batch[1:])  # redelivered (QoS 1 duplicates, resends)
     assert store.seqs("b1") == [1, 2, 3]
+    assert store.device("b1")["telemetry"]["seq"] == 3
+    store.ingest([("b1", "telemetry", {"seq": 2, "ts": 2.0})])  # an older batch, stored late
     assert store.device("b1")["telemetry"]["seq"] == 3
     store.ingest([("b1", "events", {"seq": 4, "ts": 4.0, "kind": "xrun_burst"})])
     assert store.recent("b1", "events")[0]["kind"] == "xrun_burst"
