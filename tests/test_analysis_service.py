@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.jack, pytest.mark.timeout(180)]
 TAP = '[[taps]]\nname = "analysis"\nsource = "input"\nslots = 256\n'
 
 
-def _sub(run_dir) -> zmq.Socket:
-    s = zmq.Context.instance().socket(zmq.SUB)
+def _sub(ctx: zmq.Context, run_dir) -> zmq.Socket:
+    s = ctx.socket(zmq.SUB)
     s.setsockopt(zmq.SUBSCRIBE, b"status.analysis")
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"ipc://{run_dir}/bus-analysis.sock")
@@ -31,12 +31,15 @@ def _sub(run_dir) -> zmq.Socket:
 def test_live_loudness_and_tuner_follow_what_is_played(rig, tmp_path):
     d = Daemon(rig, extra=TAP)
     svc = None
+    # a private context, destroyed at the end: zmq's threads left in this process break the
+    # in-process JACK clients of later test modules (the harness)
+    ctx = zmq.Context()
     try:
         d.wait_running()
         svc = subprocess.Popen([sys.executable, "-m", "echoel.daemon.cli", "analyzer",
                                 "--config", str(d.config)], env={**os.environ, **rig.env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        sub = _sub(d.run_dir)
+        sub = _sub(ctx, d.run_dir)
         t = np.arange(int(8.0 * RATE)) / RATE
         tone = (0.1 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
         sig = np.repeat(tone[:, None], CH, axis=1)
@@ -67,6 +70,7 @@ def test_live_loudness_and_tuner_follow_what_is_played(rig, tmp_path):
         assert mid["loudness"]["bad_blocks"] == 0
         assert svc.poll() is None
     finally:
+        ctx.destroy(linger=0)
         if svc:
             svc.terminate()
             svc.wait(10)

@@ -45,6 +45,9 @@ def test_a_played_melody_becomes_notes(rig, model_store, tmp_path):
     d = Daemon(rig, extra=TAP)
     svc = None
     smf = tmp_path / "notes.mid"
+    # a private context, destroyed at the end: zmq's threads left in this process break the
+    # in-process JACK clients of later test modules (the harness)
+    ctx = zmq.Context()
     try:
         d.wait_running()
         svc = subprocess.Popen([sys.executable, "-m", "echoel.daemon.cli", "transcriber",
@@ -52,7 +55,7 @@ def test_a_played_melody_becomes_notes(rig, model_store, tmp_path):
                                 "--midi", "jack", "--smf", str(smf)],
                                env={**os.environ, **rig.env}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
-        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.LINGER, 0)
         sub.connect(f"ipc://{d.run_dir}/bus-transcriber.sock")
@@ -82,6 +85,7 @@ def test_a_played_melody_becomes_notes(rig, model_store, tmp_path):
                    if m.type == "note_on" and m.velocity > 0]
         assert sorted(set(written)) == sorted(set(ons))
     finally:
+        ctx.destroy(linger=0)
         if svc:
             svc.kill()
             svc.wait()
