@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from echoel.drivers.jack_server import clear_stale_shm
 from rig import Rig
 
+# Modules whose tests open JACK clients in this process (the harness) run first: threads that
+# other libraries leave in the test process (zmq's I/O threads were seen to) make the JACK
+# plugin's clients in this process never start capturing.
+IN_PROCESS_JACK_FIRST = ("test_engine_jack.py",)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run the in-process JACK modules before the rest (stable order otherwise)."""
+    items.sort(key=lambda it: 0 if Path(str(it.fspath)).name in IN_PROCESS_JACK_FIRST else 1)
+
 
 def pytest_sessionstart(session) -> None:
     """JACK servers killed in earlier runs leave their registry slots taken (8 in all): free
