@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from echoel.drivers.mqtt_tls import BrokerLink, make_client
@@ -26,6 +27,16 @@ log = logging.getLogger("echoel.fleet")
 SHARE_GROUP = "fleet"
 INGESTED = ("telemetry", "events", "state", "config/reported")
 SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+class Incoming(NamedTuple):
+    """What the writer needs of a received message."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    corr: bytes | None
 
 
 class IngestWorker:
@@ -81,7 +92,12 @@ class IngestWorker:
             log.warning("fleet worker lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self.q.put(msg)
+        # keep only what storing needs: paho's message objects (properties, a condition)
+        # alive by the thousand cost the garbage collector more than the storing
+        corr = None
+        if msg.topic.endswith("/reply") or "/reply/" in msg.topic:
+            corr = getattr(msg.properties, "CorrelationData", None)
+        self.q.put(Incoming(msg.topic, msg.payload, msg.mid, msg.qos, corr))
 
     def _write_loop(self) -> None:
         while self.running or not self.q.empty():
@@ -101,7 +117,7 @@ class IngestWorker:
                     break
             self._store(msgs)
 
-    def _store(self, msgs: list[mqtt.MQTTMessage]) -> None:
+    def _store(self, msgs: list[Incoming]) -> None:
         batch = []
         for m in msgs:
             where = parse_topic(m.topic)
@@ -117,11 +133,10 @@ class IngestWorker:
                 log.warning("ignored a malformed message: %s", exc)
                 continue
             if leaf.startswith("reply/"):
-                corr = getattr(m.properties, "CorrelationData", None)
-                if corr is None:
+                if m.corr is None:
                     continue
-                doc["corr"] = corr.decode(errors="replace")
-            batch.append((device, leaf, doc))
+                doc["corr"] = m.corr.decode(errors="replace")
+            batch.append((device, leaf, doc, m.payload))
         while self.running:
             try:
                 self.store.ingest(batch)
@@ -133,7 +148,7 @@ class IngestWorker:
         else:
             return  # stopping: unacknowledged messages come back after a restart
         now = time.time()
-        self.lag_s = [now - d["ts"] for _, leaf, d in batch
+        self.lag_s = [now - d["ts"] for _, leaf, d, _ in batch
                       if leaf == "telemetry" and isinstance(d.get("ts"), float)]
         self.stored += len(batch)
         for m in msgs:
@@ -141,11 +156,11 @@ class IngestWorker:
                 self.client.ack(m.mid, m.qos)
         self._confirm(batch)
 
-    def _confirm(self, batch: list[tuple[str, str, dict]]) -> None:
+    def _confirm(self, batch: list[tuple[str, str, dict, bytes]]) -> None:
         """Tell each box which of its messages are stored, so it can drop them from its spool
         (the broker's PUBACK only means the broker has them)."""
         seqs: dict[str, list[int]] = {}
-        for device, leaf, doc in batch:
+        for device, leaf, doc, _ in batch:
             if leaf in ("telemetry", "events") and isinstance(doc.get("seq"), int):
                 seqs.setdefault(device, []).append(doc["seq"])
         for device, s in seqs.items():

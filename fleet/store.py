@@ -42,6 +42,16 @@ class StoreError(RuntimeError):
     """The store cannot be opened or used; the message says which and why."""
 
 
+def _as_text(payload: bytes | None, doc: dict) -> str:
+    """The payload as received when it is UTF-8 JSON text, else the document re-encoded."""
+    if payload is not None:
+        try:
+            return payload.decode()
+        except UnicodeDecodeError:
+            pass
+    return json.dumps(doc)
+
+
 def _ensure_device(cur, device: str) -> None:
     cur.execute("INSERT INTO devices (id) VALUES (?) ON CONFLICT (id) DO NOTHING", (device,))
 
@@ -127,19 +137,21 @@ class FleetStore:
         self.conn.close()
 
     # ------------------------------------------------------------------ ingest
-    def ingest(self, batch: list[tuple[str, str, dict]]) -> None:
-        """Store a batch of (device, leaf, document) in one transaction."""
+    def ingest(self, batch: list[tuple]) -> None:
+        """Store a batch of (device, leaf, document[, payload as received]) in one
+        transaction; the payload's text is stored as it came when given."""
         now = time.time()
         tele, events, replies = [], [], []
         with self.tx() as cur:
-            for device, leaf, doc in batch:
-                _ensure_device(cur, device)
+            cur.executemany("INSERT INTO devices (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
+                            [(d,) for d in sorted({row[0] for row in batch})])
+            for device, leaf, doc, *raw in batch:
+                text = _as_text(raw[0] if raw else None, doc)
                 if leaf == "telemetry":
-                    tele.append((device, int(doc.get("seq", 0)), doc.get("ts"), now,
-                                 json.dumps(doc)))
+                    tele.append((device, int(doc.get("seq", 0)), doc.get("ts"), now, text))
                 elif leaf == "events":
                     events.append((device, int(doc.get("seq", 0)), doc.get("ts"), now,
-                                   str(doc.get("kind", "")), json.dumps(doc)))
+                                   str(doc.get("kind", "")), text))
                 elif leaf == "state":
                     self._state(cur, device, doc, now)
                 elif leaf == "config/reported":
@@ -168,7 +180,7 @@ class FleetStore:
             cur.executemany("UPDATE devices SET last_seen = ?, last_telemetry = ?, last_seq = ? "
                             "WHERE id = ? AND last_seq < ?",
                             [(now, r[4], r[1], d, r[1]) for d, r in last.items()])
-            seen = {d for d, leaf, _ in batch if leaf == "events"} - set(last)
+            seen = {row[0] for row in batch if row[1] == "events"} - set(last)
             cur.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
                             [(now, d) for d in seen])
 
