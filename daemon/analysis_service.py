@@ -41,15 +41,10 @@ class AnalysisService:
 
     def __init__(self, cfg: config_mod.Config, tap: str = TAP) -> None:
         e = cfg["engine"]
-        taps = {t["name"]: t for t in cfg["taps"]}
-        if tap not in taps:
-            raise config_mod.ConfigError(
-                f"analysis: no tap named {tap!r} in the config; add [[taps]] name = "
-                f"\"{tap}\" source = \"output\" (or \"input\")")
+        self.ch = config_mod.tap_channels(cfg, tap, "analysis", "output")
         self.instance = cfg["daemon"]["instance"]
         self.tap = tap
         self.rate, self.period = e["rate"], e["period"]
-        self.ch = e["channels_in"] if taps[tap]["source"] == "input" else e["channels_out"]
         self.path = shm_segment.segment_path(self.instance, "ring.tap." + tap)
         self.ring: Ring | None = None
         self.block = np.zeros(self.period * self.ch, np.float32)

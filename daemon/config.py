@@ -324,6 +324,16 @@ def _cross_checks(source: str, d: dict) -> None:
                           "'_' or '-'")
 
 
+def tap_channels(cfg: Config, tap: str, service: str, suggested_source: str) -> int:
+    """Channels a tap carries; ConfigError saying what to add when the config has no such tap."""
+    taps = {t["name"]: t for t in cfg["taps"]}
+    if tap not in taps:
+        raise ConfigError(f"{service}: no tap named {tap!r} in the config; add [[taps]] name = "
+                          f"\"{tap}\" source = \"{suggested_source}\"")
+    e = cfg["engine"]
+    return e["channels_in"] if taps[tap]["source"] == "input" else e["channels_out"]
+
+
 def check_table(where: str, section: str, raw: dict,
                 schema_map: dict[str, dict[str, Key]]) -> dict[str, Any]:
     """Validate one table against another schema (the fleet service's, for example)."""

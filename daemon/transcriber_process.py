@@ -86,12 +86,7 @@ class TranscriberProcess:
                  midi_api: str = "alsa", smf_path: str | None = None, threads: int = 1,
                  workers: int = 1) -> None:
         e = cfg["engine"]
-        taps = {t["name"]: t for t in cfg["taps"]}
-        if tap not in taps:
-            raise config_mod.ConfigError(
-                f"transcriber: no tap named {tap!r} in the config; add [[taps]] name = "
-                f"\"{tap}\" source = \"input\"")
-        ch = e["channels_in"] if taps[tap]["source"] == "input" else e["channels_out"]
+        ch = config_mod.tap_channels(cfg, tap, "transcriber", "input")
         self.rate = e["rate"]
         self.stop_ev = threading.Event()
         self.source = TapSource(cfg["daemon"]["instance"], tap, e["period"], ch, self.rate,

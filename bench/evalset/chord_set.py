@@ -29,19 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pretty_midi
+from echoel.dsp.chord_vocabulary import PITCH_NAMES, QUALITIES
 
 from bench.evalset.render import render
 
 RATE = 48000
-PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-# quality -> intervals above the root, in the order root, third, fifth, seventh
-QUALITIES: dict[str, tuple[int, ...]] = {
-    "maj": (0, 4, 7),
-    "min": (0, 3, 7),
-    "7": (0, 4, 7, 10),
-    "maj7": (0, 4, 7, 11),
-    "min7": (0, 3, 7, 10),
-}
+# QUALITIES: quality -> intervals above the root (root, third, fifth, seventh); the same music
+# theory as the recognizer's vocabulary
 # Harte bass-interval names of each chord tone, by quality
 BASS_DEGREES: dict[str, tuple[str, ...]] = {
     "maj": ("1", "3", "5"),
