@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -52,6 +53,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically (a .tmp beside it, then rename); numpy scalars as plain values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
 def _plain(o):
     """numpy scalars (and anything else odd) as plain JSON values."""
     return o.item() if hasattr(o, "item") else str(o)
@@ -86,15 +95,12 @@ def main() -> int:
             continue
         print(f"\n== {area}\n{table(rows)}\n")
         out = ROOT / "bench" / "results" / f"{area}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"quick": args.quick, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": {"cpus": __import__("os").cpu_count(),
+               "machine": {"cpus": os.cpu_count(),
                            "python": platform.python_version(),
                            "platform": platform.platform()},
                "rows": rows}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1, default=_plain))
-        tmp.replace(out)
+        write_json(out, doc)
     return 1 if failed else 0
 
 

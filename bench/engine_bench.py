@@ -36,6 +36,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import machine
+from bench_all import write_json
 from bench_rig import (
     CLEAR_PEAK,
     EngineRun,
@@ -327,14 +328,6 @@ def table(rows: list[dict]) -> str:
                        f"{100 * md['foreign_rt_cpu_share']:.0f}% of a CPU during this row "
                        f"({busiest}): figures are not the machine's own")
     return "\n".join(out)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically (a .tmp beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

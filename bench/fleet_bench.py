@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import shutil
 import signal
@@ -62,6 +61,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.` and `tests.` imp
 from echoel.fleet.broker_process import Broker  # noqa: E402
 from echoel.provisioning.pki import FleetPki  # noqa: E402
 
+from bench.bench_all import write_json  # noqa: E402
 from bench.fleet_sim import (  # noqa: E402
     SERVICE,
     WINDOW,
@@ -709,14 +709,6 @@ def table(rows: list[dict]) -> str:
     out.append(f"ref: the {BARE} (paho, {WORKERS} clients in a shared subscription, stores "
                "nothing) on the same broker and publishers, in the same run")
     return "\n".join(out)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically (a .tmp beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

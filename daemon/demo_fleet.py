@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from echoel.daemon import config as config_mod
+from echoel.daemon.child_processes import stop_all
 from echoel.fleet.broker_process import Broker
 from echoel.fleet.store import FleetStore
 from echoel.provisioning.pki import FleetPki
@@ -97,12 +98,7 @@ class DemoFleet:
 
     def stop(self) -> None:
         """Stop the agent, the service and the broker."""
-        for p in reversed(self.procs):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(reversed(self.procs))
         if self.store:
             self.store.close()
         self.broker.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 from echoel.daemon import bus
 from echoel.daemon import config as config_mod
 from echoel.daemon.bus_listener import BusListener
+from echoel.daemon.child_processes import stop_all
 
 SERVICE_TAPS = ({"name": "analysis", "source": "output", "slots": 256},
                 {"name": "notes", "source": "input", "slots": 512})
@@ -98,11 +99,5 @@ class DemoServices:
 
     def stop(self) -> None:
         """Stop the services."""
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(self.procs)
         self.listener.close()

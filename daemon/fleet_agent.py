@@ -115,7 +115,6 @@ class FleetAgent:
         self.inflight: dict[int, int] = {}  # mid -> spool seq, until the broker's PUBACK
         self.unconfirmed: dict[int, float] = {}  # spool seq -> when sent, until the fleet's ack
         self.sent_up_to = 0
-        self.confirmed = 0
         self.reconnects = 0
         self.rejected = 0  # messages the broker refused (reason code >= 0x80)
         self.bad_commands = 0
@@ -222,7 +221,6 @@ class FleetAgent:
         for seq in seqs:
             if isinstance(seq, int) and self.unconfirmed.pop(seq, None) is not None:
                 self.spool.remove(seq)
-                self.confirmed += 1
 
     def _check_state(self, payload: bytes) -> None:
         """A will that arrived after our birth replaced it on the broker: put the birth back."""

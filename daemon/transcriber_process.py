@@ -24,18 +24,11 @@ from echoel.daemon import config as config_mod
 from echoel.daemon.midi_out import MidiOut, MidiPortError, SmfWriter
 from echoel.daemon.spsc_ring import Ring
 from echoel.daemon.transcriber_service import ServiceConfig, TranscriberService
+from echoel.dsp.pitch_yin import note_name
 from echoel.dsp.streaming_transcriber import StreamConfig
 
 log = logging.getLogger("echoel.transcriber")
 TAP = "notes"
-NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-
-
-def note_name(midi: int) -> str:
-    """C4 = 60."""
-    return f"{NOTE_NAMES[midi % 12]}{midi // 12 - 1}"
-
-
 class TapSource:
     """Blocks of a tap ring as (sample, mono float32), waiting while the ring is empty."""
 

@@ -213,11 +213,11 @@ class BiquadCascade:
 
     def process(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Filter x (float64[frames, channels]) into out (allocated if None; may be x)."""
-        _check_block(x, self.channels, "input")
+        check_block(x, self.channels, "input")
         if out is None:
             out = np.empty_like(x)
         else:
-            _check_block(out, self.channels, "output")
+            check_block(out, self.channels, "output")
             if out.shape[0] != x.shape[0]:
                 raise ValueError(f"output has {out.shape[0]} frames, input {x.shape[0]}")
         cascade_block(*self.kernel_args(x, out))
@@ -229,7 +229,8 @@ class BiquadCascade:
                         self.p_cur[i, P_Q], self.rate, self.coef[i])
 
 
-def _check_block(a: np.ndarray, channels: int, what: str) -> None:
+def check_block(a: np.ndarray, channels: int, what: str) -> None:
+    """Refuse (ValueError) anything but a float64 [frames, channels] array."""
     if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.ndim != 2:
         raise ValueError(f"{what} must be a float64 array [frames, channels], got "
                          f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")

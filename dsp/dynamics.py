@@ -28,6 +28,7 @@ import math
 
 import numba
 import numpy as np
+from echoel.dsp.biquad_cascade import check_block
 from echoel.dsp.true_peak import (
     TruePeakState,
     oversampled_peak_per_sample,
@@ -281,21 +282,13 @@ def _check_range(name: str, value: float, lo: float, hi: float, unit: str) -> fl
     return v
 
 
-def _check_block(a: np.ndarray, channels: int, what: str) -> None:
-    if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.ndim != 2:
-        raise ValueError(f"{what} must be a float64 array [frames, channels], got "
-                         f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
-    if a.shape[1] != channels:
-        raise ValueError(f"{what} has {a.shape[1]} channels, the state was built for {channels}")
-
-
 def _check_io(x: np.ndarray, out: np.ndarray | None, gain: np.ndarray | None,
               channels: int) -> np.ndarray:
-    _check_block(x, channels, "input")
+    check_block(x, channels, "input")
     if out is None:
         out = np.empty_like(x)
     else:
-        _check_block(out, channels, "output")
+        check_block(out, channels, "output")
         if out.shape[0] != x.shape[0]:
             raise ValueError(f"output has {out.shape[0]} frames, input {x.shape[0]}")
     if gain is not None and (not isinstance(gain, np.ndarray) or gain.dtype != np.float64

@@ -58,7 +58,6 @@ class IngestWorker:
         self.client.reconnect_delay_set(1, 30)
         self.stored = 0
         self.bad = 0
-        self.lag_s: list[float] = []  # publish (box ts) -> stored, last batch's samples
         self.running = True
         self.connected = threading.Event()
         self.writer = threading.Thread(target=self._write_loop, name=f"{client_id}-writer",
@@ -147,9 +146,6 @@ class IngestWorker:
                 time.sleep(1.0)
         else:
             return  # stopping: unacknowledged messages come back after a restart
-        now = time.time()
-        self.lag_s = [now - d["ts"] for _, leaf, d, _ in batch
-                      if leaf == "telemetry" and isinstance(d.get("ts"), float)]
         self.stored += len(batch)
         for m in msgs:
             if m.qos > 0:

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from echoel.daemon.child_processes import stop_all
 from echoel.fleet.broker_process import Broker, free_port
 from echoel.provisioning.pki import FleetPki
 
@@ -140,13 +141,5 @@ class FleetRig:
 
     def stop(self) -> None:
         """Stop every process started, then the broker."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
         self.broker.stop()
