@@ -391,8 +391,9 @@ class FleetAgent:
                 ev = doc.get("events") or {}
                 pull |= ev.get("boot") != self.ev_cursor.get("boot") or \
                     ev.get("seq", 0) > self.ev_cursor.get("seq", 0)
-            elif t == "event":
-                pull = True
+            elif t == "event" and "seq" in doc:
+                pull = True  # the supervisor's (numbered); other services' events, such as
+                # the transcriber's notes, are not the supervisor's to fetch
             elif t.startswith("status."):
                 self.services[t[len("status."):]] = doc
         if pull:
