@@ -56,6 +56,7 @@ class Supervisor:
         self.base_cfg = cfg  # the file's config; the fleet's overlay goes on top of it
         self.cfg, self.fleet_version = fleet_overlay.effective(cfg)
         self.config_path = config_path
+        self.modulated: dict[str, float] = {}  # live parameters moved by `modulate`
         self.instance = cfg["daemon"]["instance"]
         self.rdir = bus.run_dir(cfg["daemon"]["run_dir"])
         self.proc: subprocess.Popen | None = None
@@ -134,6 +135,7 @@ class Supervisor:
     def restart_engine(self, cfg: config_mod.Config | None = None) -> None:
         """Stop the engine process and start it again (with a new config, if given)."""
         self._stop_engine()
+        self.modulated.clear()  # a new engine starts from the config's values
         if cfg is not None:
             self.cfg = cfg
             self._create_shared()  # ring shapes may differ with the new config
@@ -351,7 +353,8 @@ class Supervisor:
             "engine_restarts": self.restarts,
             "engine_reopens": self.reopens,
             "params": {"applied": int(f[F.PARAMS_APPLIED]),
-                       "rejected": int(f[F.PARAMS_REJECTED])},
+                       "rejected": int(f[F.PARAMS_REJECTED]),
+                       "modulated": dict(self.modulated)},
             "tap_overflows": int(f[F.TAP_OVERFLOWS]),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "events": {"boot": self.boot_id, "seq": self.event_seq},
@@ -393,6 +396,8 @@ class Supervisor:
                     "events": [e for e in self.events if e["seq"] > since]}
         if cmd == "apply":
             return self.apply_fleet(req.get("values"), req.get("version"))
+        if cmd == "modulate":
+            return self.modulate(req.get("values"))
         if cmd == "restart":
             return self.restart_service(req.get("service"))
         if cmd == "stall":
@@ -400,7 +405,7 @@ class Supervisor:
         if cmd == "probe":
             return self.probe()
         return {"ok": False, "error": f"unknown command {cmd!r}; allowed: status, summary, "
-                "config, set, reload, apply, restart, events, stall, probe"}
+                "config, set, reload, apply, modulate, restart, events, stall, probe"}
 
     def probe(self, timeout: float = 2.0) -> dict:
         """Diagnostic: measure round-trip latency through a loopback (output wired to input).
@@ -447,6 +452,36 @@ class Supervisor:
             log.warning("refused config change (the running config stays): %s", exc)
             return {"ok": False, "error": f"{exc} (the running config is unchanged)"}
         return self._apply(new)
+
+    def modulate(self, values) -> dict:
+        """Move live parameters for a while (bio-reactive mapping): the stored config stays.
+
+        Every key must be a live chain parameter and every value within its range; all of
+        them are checked before any is pushed. The engine glides to each value over
+        chain.smoothing_ms, so a modulation never clicks. A later `set` or `reload` of the
+        same key, or a modulation back to the configured value, ends it.
+        """
+        if not isinstance(values, dict) or not values:
+            return {"ok": False, "error": "'modulate' needs 'values': an object of live "
+                    "parameters, e.g. {\"chain.gain_db\": -3.0}"}
+        dead = [k for k in values if not isinstance(k, str) or not config_mod.is_live(k)]
+        if dead:
+            return {"ok": False, "error": f"modulate: {dead[0]!r} is not a live parameter; "
+                    "allowed: chain.gain_db, chain.eq.N.freq|gain_db|q, "
+                    "chain.limiter.threshold_db|release_ms"}
+        try:
+            target = self.cfg.with_values(values, "modulation")
+        except config_mod.ConfigError as exc:
+            return {"ok": False, "error": f"modulate: {exc}"}
+        slots = target.chain_spec().param_names()
+        vals = target.chain_spec().initial_values()
+        ring = self.shared.rings["params"]
+        for k in values:
+            if not ring.push(np.array([slots[k], vals[slots[k]]]), time.monotonic_ns()):
+                return {"ok": False, "error": "parameter ring full: the engine is not taking "
+                        "changes (is it running?); try again"}
+        self.modulated.update((k, float(vals[slots[k]])) for k in values)
+        return {"ok": True, "applied": "live", "modulated": sorted(values)}
 
     def reload(self) -> dict:
         """Re-read the config file; an invalid file is refused and the running config stays."""
@@ -509,6 +544,7 @@ class Supervisor:
             values = new.chain_spec().initial_values()
             ring = self.shared.rings["params"]
             for k in changed:
+                self.modulated.pop(k, None)
                 if not ring.push(np.array([slots[k], values[slots[k]]]), time.monotonic_ns()):
                     return {"ok": False, "error": "parameter ring full: the engine is not "
                             "taking changes (is it running?); try again"}

@@ -220,6 +220,10 @@ def test_commands_bad_and_good(daemon):
         ({"cmd": "fly"}, ["fly", "allowed"]),
         ({"cmd": "stall", "ms": 10**6}, ["1000000", "1 to 5000"]),
         ({"nocmd": 1}, ["cmd"]),
+        ({"cmd": "modulate", "values": {"engine.period": 64}}, ["engine.period",
+                                                                "not a live parameter"]),
+        ({"cmd": "modulate", "values": {"chain.gain_db": 99}}, ["99", "-60 to 24"]),
+        ({"cmd": "modulate", "values": []}, ["values"]),
     ]
     for req, words in bad:
         r = daemon.request(req)
@@ -229,6 +233,13 @@ def test_commands_bad_and_good(daemon):
     assert daemon.status()["state"] == "running"
     cfg = daemon.request({"cmd": "config"})["config"]
     assert cfg["chain"]["gain_db"] == 0.0  # the refused changes left the config alone
+    applied = daemon.status()["params"]["applied"]
+    r = daemon.request({"cmd": "modulate", "values": {"chain.gain_db": -0.5}})
+    assert r["ok"] and r["modulated"] == ["chain.gain_db"]
+    s = daemon.wait_for(lambda s: s["params"]["applied"] > applied, 5, "the modulation")
+    assert s["params"]["modulated"] == {"chain.gain_db": -0.5}
+    assert daemon.request({"cmd": "config"})["config"]["chain"]["gain_db"] == 0.0
+    assert daemon.request({"cmd": "modulate", "values": {"chain.gain_db": 0.0}})["ok"]
 
 
 def test_malformed_requests_leave_the_daemon_running(daemon):
