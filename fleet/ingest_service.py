@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from echoel.drivers.mqtt_tls import BrokerLink, make_client
-from echoel.fleet.protocol import MessageError, decode, encode, parse_topic, topic
+from echoel.fleet.confirmations import Confirmer, Publish
+from echoel.fleet.protocol import MessageError, decode, parse_topic
 from echoel.fleet.store import FleetStore
 
 log = logging.getLogger("echoel.fleet")
@@ -44,8 +45,11 @@ class IngestWorker:
 
     def __init__(self, store: FleetStore, link: BrokerLink, client_id: str,
                  batch_max: int = 2000, batch_s: float = 0.05,
-                 share: str = SHARE_GROUP) -> None:
+                 share: str = SHARE_GROUP, confirmer: Confirmer | None = None) -> None:
         self.store = store
+        self.own_confirmer = confirmer is None
+        self.confirmer = confirmer or Confirmer()
+        self.confirmer.add_publisher(self.publisher)
         self.subscription = f"$share/{share}/devices/#"
         self.link = link
         self.batch_max = batch_max
@@ -71,6 +75,8 @@ class IngestWorker:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         self.writer.start()
+        if self.own_confirmer:
+            self.confirmer.start()
         self.client.connect_async(self.link.host, self.link.port, self.link.keepalive_s,
                                   clean_start=False, properties=props)
         self.client.loop_start()
@@ -89,6 +95,12 @@ class IngestWorker:
         self.connected.clear()
         if self.running:
             log.warning("fleet worker lost the broker (%s); reconnecting", reason_code)
+
+    def publisher(self) -> Publish | None:
+        """Publish (QoS 0) through this worker's client, or None while it is not connected."""
+        if not self.connected.is_set():
+            return None
+        return lambda t, payload: self.client.publish(t, payload, qos=0)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # keep only what storing needs: paho's message objects (properties, a condition)
@@ -159,18 +171,27 @@ class IngestWorker:
         for device, leaf, doc, _ in batch:
             if leaf in ("telemetry", "events") and isinstance(doc.get("seq"), int):
                 seqs.setdefault(device, []).append(doc["seq"])
-        for device, s in seqs.items():
-            self.client.publish(topic(device, "ack"), encode({"seqs": s}), qos=0)
+        self.confirmer.stored(seqs)
 
-    def stop(self) -> None:
-        """Store what is queued, then disconnect."""
+    def drain(self) -> None:
+        """Store what is queued and stop the writer."""
         end = time.monotonic() + 5.0
         while not self.q.empty() and time.monotonic() < end:
             time.sleep(0.05)
         self.running = False
         self.writer.join(5.0)
+
+    def disconnect(self) -> None:
+        """Leave the broker (the session stays for the next start)."""
         self.client.disconnect()
         self.client.loop_stop()
+
+    def stop(self) -> None:
+        """Store what is queued, confirm it, then disconnect."""
+        self.drain()
+        if self.own_confirmer:
+            self.confirmer.stop()
+        self.disconnect()
 
 
 class FleetService:
@@ -179,11 +200,13 @@ class FleetService:
     def __init__(self, store: FleetStore, link: BrokerLink, workers: int = 2,
                  name: str = "fleet-service", share: str = SHARE_GROUP) -> None:
         self.store = store
-        self.workers = [IngestWorker(store, link, f"{name}-w{i}", share=share)
-                        for i in range(workers)]
+        self.confirmer = Confirmer()
+        self.workers = [IngestWorker(store, link, f"{name}-w{i}", share=share,
+                                     confirmer=self.confirmer) for i in range(workers)]
 
     def start(self, wait_s: float = 10.0) -> None:
         """Start every worker and wait until all are subscribed."""
+        self.confirmer.start()
         for w in self.workers:
             w.start()
         end = time.monotonic() + wait_s
@@ -197,6 +220,9 @@ class FleetService:
         return sum(w.stored for w in self.workers)
 
     def stop(self) -> None:
-        """Stop every worker."""
+        """Stop every worker (the last confirmations go out before the clients disconnect)."""
         for w in self.workers:
-            w.stop()
+            w.drain()
+        self.confirmer.stop()
+        for w in self.workers:
+            w.disconnect()

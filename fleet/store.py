@@ -87,6 +87,10 @@ class FleetStore:
             for stmt in SCHEMA:
                 cur.execute(stmt)
         self._migrate()
+        # devices known to have a row: a batch inserts only the new ones (rows are never
+        # deleted; another service sharing the database inserts with ON CONFLICT as well)
+        with self.tx() as cur:
+            self._known = {r[0] for r in cur.execute("SELECT id FROM devices").fetchall()}
 
     def _migrate(self) -> None:
         """Bring a store made by an older version up to this schema."""
@@ -142,9 +146,10 @@ class FleetStore:
         transaction; the payload's text is stored as it came when given."""
         now = time.time()
         tele, events, replies = [], [], []
+        new = sorted({row[0] for row in batch} - self._known)
         with self.tx() as cur:
             cur.executemany("INSERT INTO devices (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
-                            [(d,) for d in sorted({row[0] for row in batch})])
+                            [(d,) for d in new])
             for device, leaf, doc, *raw in batch:
                 text = _as_text(raw[0] if raw else None, doc)
                 if leaf == "telemetry":
@@ -183,6 +188,7 @@ class FleetStore:
             seen = {row[0] for row in batch if row[1] == "events"} - set(last)
             cur.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
                             [(now, d) for d in seen])
+        self._known.update(new)  # committed
 
     @staticmethod
     def _state(cur, device: str, doc: dict, now: float) -> None:
@@ -194,6 +200,11 @@ class FleetStore:
         row = cur.execute("SELECT state_seq, incarnation FROM devices WHERE id = ?",
                           (device,)).fetchone()
         if row and inc and row[1] and inc != row[1]:
+            # its sequence numbers start again: the old history moves aside (as
+            # DEVICE~OLD_INCARNATION) so that the new messages are not taken for duplicates
+            for table in ("telemetry", "events"):
+                cur.execute(f"UPDATE {table} SET device = ? WHERE device = ?",
+                            (f"{device}~{row[1]}", device))
             cur.execute("UPDATE devices SET state_seq = 0, last_seq = 0 WHERE id = ?", (device,))
         elif row and seq < int(row[0]):
             return
