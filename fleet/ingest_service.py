@@ -200,8 +200,13 @@ class FleetService:
     def __init__(self, store: FleetStore, link: BrokerLink, workers: int = 2,
                  name: str = "fleet-service", share: str = SHARE_GROUP) -> None:
         self.store = store
+        # PostgreSQL: a connection per worker, so one worker's transaction does not wait for
+        # another's round trips (SQLite has one writer at a time: the workers share its one)
+        self.extra_stores = [FleetStore(store.url) for _ in range(workers - 1)] if store.pg \
+            else []
+        stores = [store, *self.extra_stores] if store.pg else [store] * workers
         self.confirmer = Confirmer()
-        self.workers = [IngestWorker(store, link, f"{name}-w{i}", share=share,
+        self.workers = [IngestWorker(stores[i], link, f"{name}-w{i}", share=share,
                                      confirmer=self.confirmer) for i in range(workers)]
 
     def start(self, wait_s: float = 10.0) -> None:
@@ -226,3 +231,5 @@ class FleetService:
         self.confirmer.stop()
         for w in self.workers:
             w.disconnect()
+        for st in self.extra_stores:
+            st.close()

@@ -182,9 +182,10 @@ class FleetStore:
                 if row[0] not in last or row[1] > last[row[0]][1]:
                     last[row[0]] = row
             # workers store batches in parallel: an older batch never replaces newer telemetry
+            # (rows in device order: parallel writers lock them in the same order)
             cur.executemany("UPDATE devices SET last_seen = ?, last_telemetry = ?, last_seq = ? "
                             "WHERE id = ? AND last_seq < ?",
-                            [(now, r[4], r[1], d, r[1]) for d, r in last.items()])
+                            [(now, r[4], r[1], r[0], r[1]) for r in sorted(last.values())])
             seen = {row[0] for row in batch if row[1] == "events"} - set(last)
             cur.executemany("UPDATE devices SET last_seen = ? WHERE id = ?",
                             [(now, d) for d in seen])
