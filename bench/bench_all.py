@@ -27,6 +27,7 @@ AREAS = {
             "bench.analyze_bench"],
     "ml": ["bench.ml_bench"],
     "fleet": ["bench.fleet_bench"],
+    "aes67": ["bench.clock_ptp"],
 }
 
 

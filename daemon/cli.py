@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_analyzer)
 
+    from echoel.daemon.clock_cli import add_clock_parser
     from echoel.daemon.models_cli import add_models_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
     from echoel.provisioning.pki_cli import add_pki_parser
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_parser(sub)
     add_pki_parser(sub)
     add_models_parser(sub)
+    add_clock_parser(sub)
     p = sub.add_parser("transcriber", help="live audio-to-MIDI (basic-pitch on LiteRT) on the "
                        "engine's notes tap: MIDI port, MIDI file, notes on the local bus")
     p.add_argument("--config", help="TOML config file (needs a [[taps]] named like --tap)")

@@ -7,6 +7,7 @@ or refused; the daemon never runs half-configured.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import tomllib
 from dataclasses import dataclass
@@ -271,15 +272,33 @@ def is_live(dotted: str) -> bool:
     return bool(spec and spec.live)
 
 
+# Sections whose keys and checks live with their service: the module has KEYS (dict of Key;
+# ARRAY = True for an array of tables) and check(raw, where) -> validated value. Imported on
+# first use (those modules import this one).
+SERVICE_SECTIONS = {
+    "clock": "echoel.drivers.ptp4l_config",
+}
+CORE_SECTIONS = ("agent", "chain", "daemon", "engine", "realtime", "taps")
+
+
+def service_sections() -> dict[str, Any]:
+    """Section name -> the module that defines and checks it."""
+    return {name: importlib.import_module(mod) for name, mod in SERVICE_SECTIONS.items()}
+
+
 def validate(raw: dict, source: str = "<config>") -> Config:
     """Check a parsed TOML document against the schema; the whole of it or nothing."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a TOML table")
-    top = set(raw) - {"engine", "realtime", "chain", "daemon", "taps", "agent"}
+    allowed = sorted({*CORE_SECTIONS, *SERVICE_SECTIONS})
+    top = set(raw) - set(allowed)
     if top:
-        raise ConfigError(f"{source}: unknown section [{sorted(top)[0]}]; allowed: agent, "
-                          "chain, daemon, engine, realtime, taps")
+        raise ConfigError(f"{source}: unknown section [{sorted(top)[0]}]; allowed: "
+                          + ", ".join(allowed))
     data: dict[str, Any] = {}
+    for name, mod in service_sections().items():
+        empty: Any = [] if getattr(mod, "ARRAY", False) else {}
+        data[name] = mod.check(raw.get(name, empty), source)
     for section in ("engine", "realtime", "daemon", "agent"):
         data[section] = _table(source, section, raw.get(section, {}))
     chain_raw = raw.get("chain", {})
@@ -372,8 +391,10 @@ def parse_value(text: str) -> Any:
 def describe_keys() -> str:
     """Every key with its default, what is allowed, and its meaning."""
     lines = []
-    for section, keys in SCHEMA.items():
-        head = f"[[{section}]]" if section in ARRAYS else f"[{section}]"
+    sections = [(k, v, k in ARRAYS) for k, v in SCHEMA.items()]
+    sections += [(k, m.KEYS, getattr(m, "ARRAY", False)) for k, m in service_sections().items()]
+    for section, keys, array in sections:
+        head = f"[[{section}]]" if array else f"[{section}]"
         lines.append(head)
         for k, spec in keys.items():
             live = " (live)" if spec.live else ""

@@ -530,11 +530,13 @@ class Supervisor:
         all_changed = self.cfg.changed_keys(new)
         if not all_changed:
             return {"ok": True, "applied": "nothing changed", "changed": []}
-        # the fleet agent reads its own section; the engine does not need to hear of it
-        changed = [k for k in all_changed if not k.startswith("agent.")]
+        # the fleet agent and the services read their own sections (a service takes a change
+        # when it restarts); the engine does not need to hear of them
+        own = ("agent", *config_mod.SERVICE_SECTIONS)
+        changed = [k for k in all_changed if k.split(".", 1)[0] not in own]
         if not changed:
             self.cfg = new
-            return {"ok": True, "applied": "agent settings", "changed": all_changed}
+            return {"ok": True, "applied": "service settings", "changed": all_changed}
         if new["daemon"]["instance"] != self.instance or \
                 new["daemon"]["run_dir"] != self.cfg["daemon"]["run_dir"]:
             return {"ok": False, "error": "[daemon] instance and run_dir change only with a "
