@@ -28,6 +28,7 @@ AREAS = {
     "ml": ["bench.ml_bench"],
     "fleet": ["bench.fleet_bench"],
     "aes67": ["bench.clock_ptp"],
+    "image": ["bench.image_bench"],
 }
 
 

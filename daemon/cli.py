@@ -57,6 +57,13 @@ def cmd_agent(args) -> int:
 
     cfg = _load(args.config)
     logs.setup(cfg["daemon"]["log_level"])
+    if not cfg["agent"]["enabled"]:
+        prov = cfg["provisioning"]
+        why = (f"the box is unprovisioned ({prov['reason'] or 'no identity yet'}): provision "
+               "it with `echoel provision` or `echoel flash`") \
+            if prov["state"] != "provisioned" else "[agent] enabled = false in the config"
+        print(f"echoel agent: not connecting to the fleet: {why}", file=sys.stderr)
+        return 0
     try:
         agent = FleetAgent(cfg, sys.argv[1:] if args.config else ["agent"])
     except LinkConfigError as exc:
@@ -219,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     from echoel.daemon.clock_cli import add_clock_parser
     from echoel.daemon.models_cli import add_models_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
+    from echoel.provisioning.flash_cli import add_flash_parser
     from echoel.provisioning.pki_cli import add_pki_parser
+    from echoel.provisioning.provision_cli import add_provision_parser
 
     add_fleet_parser(sub)
     add_pki_parser(sub)
     add_models_parser(sub)
     add_clock_parser(sub)
+    add_provision_parser(sub)
+    add_flash_parser(sub)
     p = sub.add_parser("transcriber", help="live audio-to-MIDI (basic-pitch on LiteRT) on the "
                        "engine's notes tap: MIDI port, MIDI file, notes on the local bus")
     p.add_argument("--config", help="TOML config file (needs a [[taps]] named like --tap)")

@@ -277,6 +277,7 @@ def is_live(dotted: str) -> bool:
 # first use (those modules import this one).
 SERVICE_SECTIONS = {
     "clock": "echoel.drivers.ptp4l_config",
+    "provisioning": "echoel.provisioning.first_boot",
 }
 CORE_SECTIONS = ("agent", "chain", "daemon", "engine", "realtime", "taps")
 
