@@ -54,7 +54,7 @@ test: setup
 test-e2e: setup
 	@echo "test-e2e: no end-to-end image tests yet (they come with the image recipe, issue 8)"
 
-BENCH_AREAS ?= engine dsp ml fleet aes67 image
+BENCH_AREAS ?= engine dsp ml fleet aes67 image bio
 
 # `make bench`: every area; BENCH_AREAS="dsp" for one; BENCH_QUICK=1 for short runs.
 bench: setup

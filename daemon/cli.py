@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_analyzer)
 
+    from echoel.daemon.bio_cli import add_bio_parser
     from echoel.daemon.clock_cli import add_clock_parser
     from echoel.daemon.models_cli import add_models_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pki_parser(sub)
     add_models_parser(sub)
     add_clock_parser(sub)
+    add_bio_parser(sub)
     add_provision_parser(sub)
     add_flash_parser(sub)
     p = sub.add_parser("transcriber", help="live audio-to-MIDI (basic-pitch on LiteRT) on the "

@@ -273,11 +273,13 @@ def is_live(dotted: str) -> bool:
 
 
 # Sections whose keys and checks live with their service: the module has KEYS (dict of Key;
-# ARRAY = True for an array of tables) and check(raw, where) -> validated value. Imported on
-# first use (those modules import this one).
+# ARRAY = True for an array of tables), check(raw, where) -> validated value and, optionally,
+# cross_check(config) once the whole config is known. Imported on first use (those modules
+# import this one).
 SERVICE_SECTIONS = {
     "clock": "echoel.drivers.ptp4l_config",
     "provisioning": "echoel.provisioning.first_boot",
+    "bio": "echoel.daemon.bio_config",
 }
 CORE_SECTIONS = ("agent", "chain", "daemon", "engine", "realtime", "taps")
 
@@ -317,7 +319,11 @@ def validate(raw: dict, source: str = "<config>") -> Config:
                           f"got {taps!r}")
     data["taps"] = [_table(f"{source} tap {i}", "taps", t) for i, t in enumerate(taps)]
     _cross_checks(source, data)
-    return Config(data, source)
+    cfg = Config(data, source)
+    for mod in service_sections().values():
+        if hasattr(mod, "cross_check"):
+            mod.cross_check(cfg)
+    return cfg
 
 
 def _cross_checks(source: str, d: dict) -> None:

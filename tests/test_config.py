@@ -205,7 +205,7 @@ def test_edges_of_what_is_allowed_load(tmp_path, text):
 BAD = [
     # unknown section / key
     ("unknown-section", "[engin]\nperiod = 64\n",
-     ["unknown section [engin]", "allowed: agent, chain, ", " daemon, engine, ",
+     ["unknown section [engin]", "allowed: agent, bio, chain, ", " daemon, engine, ",
       "realtime, taps"]),
     ("unknown-key", "[engine]\nperiods_ = 4\n",
      ["unknown key 'periods_'", "[engine]", "allowed: " + ENGINE_KEYS]),
