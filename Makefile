@@ -10,7 +10,7 @@ APT_PACKAGES := python3-venv python3-dev gcc libasound2-dev libasound2-plugins j
 	libsystemd-dev pkg-config rt-tests alsa-utils util-linux procps \
 	mosquitto postgresql libsndfile1 ffmpeg fluidsynth fluid-soundfont-gm \
 	linuxptp ethtool iproute2 bluez dbus-daemon \
-	bmap-tools e2fsprogs dosfstools mtools fdisk genimage zstd
+	bmap-tools e2fsprogs dosfstools mtools fdisk genimage zstd rauc squashfs-tools dbus
 STAMP := $(VENV)/.installed
 DURATION ?=
 BENCH_SECONDS ?= 60
@@ -54,7 +54,7 @@ test: setup
 test-e2e: setup
 	@echo "test-e2e: no end-to-end image tests yet (they come with the image recipe, issue 8)"
 
-BENCH_AREAS ?= engine dsp ml fleet aes67 image bio
+BENCH_AREAS ?= engine dsp ml fleet aes67 image bio ota
 
 # `make bench`: every area; BENCH_AREAS="dsp" for one; BENCH_QUICK=1 for short runs.
 bench: setup

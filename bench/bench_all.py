@@ -30,6 +30,7 @@ AREAS = {
     "aes67": ["bench.clock_ptp"],
     "image": ["bench.image_bench"],
     "bio": ["bench.bio_ble", "bench.bio_bench"],
+    "ota": ["bench.ota_bench"],
 }
 
 

@@ -30,6 +30,15 @@ COMMANDS: dict[str, tuple[str, dict[str, Arg]]] = {
         "service": Arg(str, "what to restart", choices=("engine", "agent"))}),
     "reboot": ("reboot the box (only where agent.allow_reboot is true)", {
         "confirm": Arg(str, "the device id, so a reboot meant for another box is refused")}),
+    "update": ("install a signed release (system bundle, models or config); progress comes "
+               "as `update` events", {
+                   "release": Arg(str, "the release name, e.g. 2026.11.2"),
+                   "artifact": Arg(str, "what it is", choices=("system", "models", "config")),
+                   "url": Arg(str, "https:// address of the artifact"),
+                   "size": Arg(int, "its size in bytes"),
+                   "sha256": Arg(str, "its sha256, hex"),
+                   "reboot": Arg(str, "when a system update may reboot",
+                                 choices=("now", "window", "never"))}),
 }
 
 

@@ -323,4 +323,15 @@ def bio_lines(s: dict | None) -> list[str]:
             extra.append(x["last_error"])
         out.append(f"  heart    {x['sensor']}: {x['state']}  {bpm}  {rr}"
                    + (f"  ({'; '.join(extra)})" if extra else ""))
+    mod = s.get("modulation") or {}
+    for name, h in (mod.get("sensors") or {}).items():
+        def f(key: str, fmt: str, h=h) -> str:
+            return "-" if h.get(key) is None else format(h[key], fmt)
+        out.append(f"  hrv      {name}: RMSSD {f('rmssd_ms', '.0f')} ms  SDNN "
+                   f"{f('sdnn_ms', '.0f')} ms  pNN50 {f('pnn50', '.0f')} %  LF/HF "
+                   f"{f('lf_hf', '.2f')}  coherence {f('coherence', '.2f')}  (artifacts "
+                   f"corrected {h.get('artifacts_corrected', 0)})")
+    for m in mod.get("mappings", []):
+        out.append(f"  sound    {m['source']} -> {m['target']} = {m['value']:.2f} "
+                   f"(presence {100 * m['presence']:.0f} %)")
     return out

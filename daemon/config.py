@@ -280,6 +280,7 @@ SERVICE_SECTIONS = {
     "clock": "echoel.drivers.ptp4l_config",
     "provisioning": "echoel.provisioning.first_boot",
     "bio": "echoel.daemon.bio_config",
+    "update": "echoel.daemon.update_agent",
 }
 CORE_SECTIONS = ("agent", "chain", "daemon", "engine", "realtime", "taps")
 

@@ -1,6 +1,6 @@
-"""The box's other services in `echoel demo` (`make run`): the live analysis (and, where
-configured, the transcriber), started as their own processes on the engine's taps, their
-figures shown in the live view from the local bus."""
+"""The box's other services in `echoel demo` (`make run`): the live analysis, the
+transcriber and the bio service (a simulated heart-rate sensor moving the gain), started as
+their own processes, their figures shown in the live view from the local bus."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from echoel.daemon import bus
 from echoel.daemon import config as config_mod
+from echoel.daemon.bio_service import bio_lines
 from echoel.daemon.bus_listener import BusListener
 from echoel.daemon.child_processes import stop_all
 
@@ -35,7 +36,23 @@ def service_toml(cfg: config_mod.Config) -> str:
     for t in cfg["taps"]:
         lines += ["[[taps]]", f'name = "{t["name"]}"', f'source = "{t["source"]}"',
                   f'slots = {t["slots"]}']
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + DEMO_BIO
+
+
+# `make run` has no heart-rate strap: a simulated sensor (labelled SIMULATED everywhere) whose
+# heart rate moves the gain a little (60 bpm: -3 dB ... 80 bpm: 0 dB), to show the path from
+# the body to the sound; a real strap is configured with [bio] sensors = "ADDRESS or name"
+DEMO_BIO = """[bio]
+simulated = true
+[[bio.mappings]]
+source = "hr_bpm"
+target = "chain.gain_db"
+in_lo = 60.0
+in_hi = 80.0
+out_lo = -3.0
+out_hi = 0.0
+smoothing_s = 2.0
+"""
 
 
 def analysis_lines(s: dict | None) -> list[str]:
@@ -83,6 +100,7 @@ class DemoServices:
         toml.write_text(service_toml(self.cfg))
         logf = open(self.folder / "services.log", "ab")  # handed to the children
         for args in (["analyzer", "--config", str(toml)],
+                     ["bio", "run", "--config", str(toml)],
                      ["transcriber", "--config", str(toml), "--store", str(MODELS),
                       "--midi", midi_api, "--smf", str(self.folder / "notes.mid")]):
             self.procs.append(subprocess.Popen([sys.executable, "-m", "echoel.daemon.cli",
@@ -95,7 +113,7 @@ class DemoServices:
             if topic.startswith("status."):
                 self.latest[topic[7:]] = doc
         return analysis_lines(self.latest.get("analysis")) + \
-            notes_lines(self.latest.get("transcriber"))
+            notes_lines(self.latest.get("transcriber")) + bio_lines(self.latest.get("bio"))
 
     def stop(self) -> None:
         """Stop the services."""

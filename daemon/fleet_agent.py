@@ -29,6 +29,7 @@ from echoel.daemon.agent_commands import Command, parse
 from echoel.daemon.agent_spool import Spool
 from echoel.daemon.box_health import BoxHealth
 from echoel.daemon.bus_listener import BusListener
+from echoel.daemon.update_agent import UpdateAgent, UpdateSettings
 from echoel.drivers.mqtt_tls import BrokerLink, common_name, make_client
 from echoel.fleet.protocol import SCHEMA_VERSION, MessageError, decode, encode, topic
 from paho.mqtt.packettypes import PacketTypes
@@ -110,6 +111,8 @@ class FleetAgent:
         self.client.connect_async(self.link.host, self.link.port, self.link.keepalive_s,
                                   clean_start=True)
         self.health = BoxHealth(self.sdir)
+        self.updates = UpdateAgent(UpdateSettings.from_config(self.cfg), self._update_event)
+        self.updates.resume()  # an update interrupted by a restart or a reboot goes on
         self.listener = BusListener(self.rdir)
         self.connected = False
         self.inflight: dict[int, int] = {}  # mid -> spool seq, until the broker's PUBACK
@@ -137,7 +140,16 @@ class FleetAgent:
     def _birth(self, state: str) -> bytes:
         return encode({"schema": SCHEMA_VERSION, "state": state, "seq": self.conn_seq.value,
                        "incarnation": self.incarnation, "ts": time.time(),
-                       "software": software_version(), "group": self.cfg["agent"]["group"]})
+                       "software": self.software(), "group": self.cfg["agent"]["group"]})
+
+    def software(self) -> str:
+        """The running release (the image's), else the installed package's version."""
+        rel = self.updates.release()
+        return rel if rel != "unknown" else software_version()
+
+    def _update_event(self, ev: dict) -> None:
+        """An update's progress, as a fleet event (kind "update", the protocol's fields)."""
+        self.enqueue("events", {"schema": SCHEMA_VERSION, "ts": time.time(), **ev})
 
     def _connect(self) -> None:
         seq = self.conn_seq.next()
@@ -291,6 +303,8 @@ class FleetAgent:
                         f"not this box ({self.device_id}); nothing done"}
             log.warning("rebooting on the fleet's command")
             return {"ok": True, "result": {"rebooting": True}}
+        if cmd.name == "update":
+            return self.updates.handle_command(cmd.args)
         return {"ok": False, "error": f"{cmd.name}: not handled"}
 
     def _supervisor(self, req: dict, timeout: float = 5.0) -> dict:
@@ -348,7 +362,8 @@ class FleetAgent:
                                             "engine_restarts", "blocks", "problem")}
         return {"schema": SCHEMA_VERSION, "ts": time.time(), "engine": engine,
                 "box": self.health.sample(),
-                "versions": {"software": software_version(), "config": self.config_version},
+                "versions": {"software": self.software(), "config": self.config_version},
+                "software": self.software(), "update": self.updates.last_event(),
                 "agent": {"spool_depth": self.spool.depth, "spool_dropped": self.spool.dropped,
                           "unconfirmed": len(self.unconfirmed),
                           "reconnects": self.reconnects, "rejected": self.rejected,
@@ -428,6 +443,8 @@ class FleetAgent:
             self._connect()
         self.client.loop(0.05)
         self._drain_bus()
+        self.updates.link_heartbeat(self.connected)
+        self.updates.tick()
         if now >= self.next_telemetry:
             self.next_telemetry = now + self.cfg["agent"]["telemetry_interval_s"]
             self.enqueue("telemetry", self._telemetry())

@@ -77,6 +77,30 @@ def _write_pem(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def self_signed_ca(common_name: str, org: str, days: int
+                   ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new EC P-256 CA key and its self-signed certificate (signs certificates and CRLs,
+    nothing else)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
 class FleetPki:
     """The CA folder: create it once, then issue and revoke certificates."""
 
@@ -102,23 +126,7 @@ class FleetPki:
         if self.exists():
             raise PkiError(f"{self.root}: a CA is already there; use it, or choose another "
                            "folder (replacing a CA locks every box out)")
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"{org} CA")])
-        now = _now()
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                             key_encipherment=False, data_encipherment=False,
-                                             key_agreement=False, key_cert_sign=True,
-                                             crl_sign=True, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                               critical=False)
-                .sign(key, hashes.SHA256()))
+        key, cert = self_signed_ca(f"{org} CA", org, days)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         _write_key(self.root / "ca.key", key)

@@ -44,6 +44,7 @@ from dbus_fast.annotations import (
     DBusStr,
 )
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
+from echoel.drivers.private_dbus import BUS_CONFIG
 
 DBusStrList = Annotated[list[str], DBusSignature("as")]
 DBusByteOut = Annotated[int, DBusSignature("y")]
@@ -56,21 +57,6 @@ BATTERY_SERVICE = "0000180f-0000-1000-8000-00805f9b34fb"
 BATTERY_LEVEL = "00002a19-0000-1000-8000-00805f9b34fb"
 HID_SERVICE = "00001812-0000-1000-8000-00805f9b34fb"
 
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/> <allow own="*"/>
-    <allow send_type="method_call"/> <allow send_type="signal"/>
-    <allow send_type="method_return"/> <allow send_type="error"/>
-    <allow receive_type="method_call"/> <allow receive_type="signal"/>
-    <allow receive_type="method_return"/> <allow receive_type="error"/>
-  </policy>
-</busconfig>
-"""
 
 
 class StandInError(RuntimeError):

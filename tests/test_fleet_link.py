@@ -205,6 +205,27 @@ def test_reboot_is_guarded(fleet):
     wait_for(fleet.marker.exists, 5, what="the reboot command to run")
 
 
+def test_update_command_checked_accepted_and_reported_as_events(fleet):
+    good = {"release": "2099.1.1", "artifact": "models", "url": "https://127.0.0.1:9/m.tar",
+            "size": 1000, "sha256": "ab" * 32, "reboot": "never"}
+    with _op(fleet) as op:
+        r = op.command(BOX, "update", {**good, "artifact": "kernel"})
+        assert not r["ok"] and "artifact = 'kernel'" in r["error"], r
+        r = op.command(BOX, "update", {**good, "sha256": "xyz"})
+        assert not r["ok"] and "sha256" in r["error"], r
+        r = op.command(BOX, "update", good)  # well formed; nothing listens at that address
+        assert r["ok"] and r["accepted"] == "2099.1.1", r
+    ev = wait_for(lambda: [e for e in fleet.store.recent(BOX, "events", 30)
+                           if e.get("kind") == "update" and e.get("state") == "failed"], 60,
+                  what="the update's failure reported as an event")
+    assert ev[0]["release"] == "2099.1.1" and ev[0]["error"], ev[0]
+    t = wait_for(lambda: (d := fleet.store.device(BOX)) and d["telemetry"] and
+                 (d["telemetry"].get("update") or {}).get("state") == "failed" and
+                 d["telemetry"], 30, what="telemetry with the update's last state")
+    assert t["software"]
+    assert fleet.agent.poll() is None
+
+
 def test_command_log_keeps_the_reply(fleet):
     with _op(fleet) as op:
         fleet.store.log_command("corr-test-1", BOX, "ping", {})
