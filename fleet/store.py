@@ -201,11 +201,6 @@ class FleetStore:
         row = cur.execute("SELECT state_seq, incarnation FROM devices WHERE id = ?",
                           (device,)).fetchone()
         if row and inc and row[1] and inc != row[1]:
-            # its sequence numbers start again: the old history moves aside (as
-            # DEVICE~OLD_INCARNATION) so that the new messages are not taken for duplicates
-            for table in ("telemetry", "events"):
-                cur.execute(f"UPDATE {table} SET device = ? WHERE device = ?",
-                            (f"{device}~{row[1]}", device))
             cur.execute("UPDATE devices SET state_seq = 0, last_seq = 0 WHERE id = ?", (device,))
         elif row and seq < int(row[0]):
             return
