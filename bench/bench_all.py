@@ -29,7 +29,7 @@ AREAS = {
     "fleet": ["bench.fleet_bench"],
     "aes67": ["bench.clock_ptp"],
     "image": ["bench.image_bench"],
-    "bio": ["bench.bio_ble", "bench.bio_bench"],
+    "bio": ["bench.bio_ble", "bench.bio_bench", "bench.bio_latency"],
     "ota": ["bench.ota_bench"],
 }
 

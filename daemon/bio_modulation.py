@@ -201,6 +201,9 @@ class BioModulation:
                                                            self.art_config)
             if state == LOST and track.state != LOST:
                 track.restart()  # what comes after the loss is a new series
+                # and nothing from before it drives the sound again: a sensor back
+                # within stale_s waits for its first new beat
+                track.last_bpm, track.last_seen = None, -math.inf
             track.state = state
 
     # ------------------------------------------------------------------ mapping

@@ -16,7 +16,7 @@ from rig import Rig
 # Modules whose tests open JACK clients in this process (the harness) run first: threads that
 # other libraries leave in the test process (zmq's I/O threads were seen to) make the JACK
 # plugin's clients in this process never start capturing.
-IN_PROCESS_JACK_FIRST = ("test_engine_jack.py",)
+IN_PROCESS_JACK_FIRST = ("test_engine_jack.py", "test_bio_engine.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

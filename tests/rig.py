@@ -198,6 +198,7 @@ class Harness:
         self._lock = threading.Lock()
         self._job: dict | None = None
         self.stuck: str | None = None
+        self.capture_restarts = 0
         self._running = True
         self._open()
         self._thread = threading.Thread(target=self._run, name="harness", daemon=True)
@@ -230,6 +231,13 @@ class Harness:
             while self._running:
                 deadline = time.monotonic() + 2.0
                 while self._running:
+                    if self.cap.state() == alsaaudio.PCM_STATE_PREPARED:
+                        # after an xrun alsa-lib prepares the stream again but does not
+                        # start it: a read does (on a loaded machine, seen while the daemon
+                        # starts); else no data ever comes
+                        self.capture_restarts += 1
+                        with suppress(alsaaudio.ALSAAudioError):
+                            self.cap.read()
                     avail = self.cap.avail()
                     if avail < 0 or avail >= PERIOD:
                         break

@@ -347,3 +347,27 @@ def test_a_silent_sensor_glides_out_and_bpm_alone_drives_hr():
     assert sent[-1]["chain.gain_db"] == pytest.approx(0.0)  # 120 bpm -> 0 dB
     idle(bm, clock, 2.0 + 0.5 + 0.2, 0.05)  # silent: stale after 2 s, then the glide
     assert sent[-1]["chain.gain_db"] == -6.0
+
+
+def test_a_sensor_back_soon_after_a_loss_waits_for_a_new_beat():
+    clock = [0.0]
+    sent: list[dict] = []
+    bm = BioModulation([mapping(fade_in_s=0.2, fade_out_s=0.2)],
+                       lambda msg: sent.append(msg["values"]) or {"ok": True}, None,
+                       stale_s=5.0, clock=lambda: clock[0])
+    bm.on_sensor_state("band", "connected")
+    for _ in range(10):
+        bm.on_beat(Beat("band", 0, 120, [], True))
+        clock[0] += 0.1
+        bm.tick()
+    assert sent[-1]["chain.gain_db"] == pytest.approx(0.0)
+    bm.on_sensor_state("band", "lost")
+    idle(bm, clock, 0.5, 0.05)
+    assert sent[-1]["chain.gain_db"] == -6.0  # neutral
+    bm.on_sensor_state("band", "connected")  # back well within stale_s, no beat yet
+    n = len(sent)
+    idle(bm, clock, 1.0, 0.05)
+    assert all(v["chain.gain_db"] == -6.0 for v in sent[n:])  # still neutral
+    bm.on_beat(Beat("band", 0, 120, [], True))
+    idle(bm, clock, 0.5, 0.05)
+    assert sent[-1]["chain.gain_db"] == pytest.approx(0.0)  # glided back in on the beat
