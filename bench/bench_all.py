@@ -57,6 +57,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def module_main(run, doc: str | None) -> None:
+    """`python bench/<module>.py [--quick]`: one module's rows as a table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help="short run (well under a minute)")
+    print(table(run(quick=ap.parse_args().quick)))
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write atomically (a .tmp beside it, then rename); numpy scalars as plain values."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ notifications delivered twice (RR lost without a gap mark, RR counted twice: bot
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -191,12 +190,9 @@ def run(quick: bool = False) -> list[dict]:
 
 def main() -> None:
     """Print the rows as a table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    from bench.bench_all import table
+    from bench.bench_all import module_main
 
-    print(table(run(args.quick)))
+    module_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Cases: the shipped defaults (rate_hz 20: at most one modulate per 50 ms) and rat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -255,12 +254,9 @@ def run(quick: bool = False) -> list[dict]:
 
 def main() -> None:
     """Print the rows as a table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    from bench.bench_all import table
+    from bench.bench_all import module_main
 
-    print(table(run(args.quick)))
+    module_main(run, __doc__)
 
 
 if __name__ == "__main__":

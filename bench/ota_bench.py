@@ -17,7 +17,6 @@ The qemu reboot-to-healthy and the 1,000-box rollout rows belong to other module
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import os
@@ -209,12 +208,9 @@ def run(quick: bool = False) -> list[dict]:
 
 def main() -> None:
     """Print the rows as a table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    from bench.bench_all import table
+    from bench.bench_all import module_main
 
-    print(table(run(args.quick)))
+    module_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import alsaaudio
 import numpy as np
 from echoel.daemon import bus
+from echoel.daemon.child_processes import stop_all
 from echoel.drivers.jack_server import JackServer, Patchbay, alsa_env, jack_pcm_conf
 from echoel.drivers.realtime import die_with_parent
 
@@ -156,13 +156,7 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_all([self.proc], 15.0)
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc.returncode
 

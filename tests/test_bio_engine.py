@@ -22,7 +22,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from echoel.daemon.child_processes import stop_all
 from rig import ECHOEL, RATE, Daemon, Harness, HarnessStuckError, noise
 
 from tests.bluez_standin import BlueZStandIn, dbus_daemon_missing
@@ -186,13 +186,7 @@ class BioProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_all([self.proc], 30.0)
         return self.proc.returncode
 
 
