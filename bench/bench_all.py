@@ -30,7 +30,7 @@ AREAS = {
     "aes67": ["bench.clock_ptp"],
     "image": ["bench.image_bench"],
     "bio": ["bench.bio_ble", "bench.bio_bench", "bench.bio_latency"],
-    "ota": ["bench.ota_bench"],
+    "ota": ["bench.ota_bench", "bench.rollout_bench"],
 }
 
 

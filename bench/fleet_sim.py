@@ -194,10 +194,10 @@ def parse_properties(b: bytes | bytearray) -> dict[int, Any]:
 
 
 # ---------------------------------------------------------------------- box content
-def birth(state: str, conn_seq: int, group: str) -> bytes:
+def birth(state: str, conn_seq: int, group: str, software: str = SOFTWARE) -> bytes:
     """The state message (birth, will, goodbye) as the agent writes it."""
     return encode({"schema": SCHEMA_VERSION, "state": state, "seq": conn_seq,
-                   "ts": time.time(), "software": SOFTWARE, "group": group})
+                   "ts": time.time(), "software": software, "group": group})
 
 
 @dataclass
@@ -290,7 +290,7 @@ class SimBox(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.buf.clear()
         self._write(connect_packet(self.device, self.keepalive_s, self.t_state,
-                                   birth("lost", self.conn_seq, self.node.spec.group)))
+                                   self.state_message("lost")))
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_up, self.up, self.transport = self.up, False, None
@@ -307,6 +307,10 @@ class SimBox(asyncio.Protocol):
         self.todo.extendleft(reversed(again))
         if was_up and not self.node.stopping:
             self.node.lost(self)
+
+    def state_message(self, state: str) -> bytes:
+        """This box's birth, will or goodbye."""
+        return birth(state, self.conn_seq, self.node.spec.group)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -376,8 +380,7 @@ class SimBox(asyncio.Protocol):
                                                         (self.t_state, 1), (f"{me}/ack", 0)]))
         pid = self._next_pid()
         self.inflight[pid] = (0, time.monotonic(), 0.0)
-        self._write(publish_packet(self.t_state.encode(), birth("online", self.conn_seq,
-                                                                self.node.spec.group),
+        self._write(publish_packet(self.t_state.encode(), self.state_message("online"),
                                    pid, retain=True))
         if self.ready and not self.ready.done():
             self.ready.set_result(True)
@@ -475,8 +478,7 @@ class SimBox(asyncio.Protocol):
         """Publish 'offline' (retained) and DISCONNECT normally, as the agent's shutdown."""
         if self.up:
             pid = self._next_pid()
-            self._write(publish_packet(self.t_state.encode(), birth("offline", self.conn_seq,
-                                                                    self.node.spec.group),
+            self._write(publish_packet(self.t_state.encode(), self.state_message("offline"),
                                        pid, retain=True))
             self._write(DISCONNECT)
         if self.transport is not None:

@@ -11,6 +11,7 @@ from echoel.daemon.config import ConfigError, parse_value
 from echoel.daemon.fleet_overlay import check_remote
 from echoel.fleet import fleet_config
 from echoel.fleet.operator_link import OperatorError, OperatorLink
+from echoel.fleet.rollout_cli import add_release_parsers
 from echoel.fleet.store import FleetStore, StoreError
 
 
@@ -45,6 +46,7 @@ def add_fleet_parser(sub) -> None:
     q.add_argument("device")
     q.add_argument("group")
     p.set_defaults(func=cmd_fleet)
+    add_release_parsers(s)  # release add|list, rollout start|status|pause|resume|abort
 
 
 def _pairs(pairs: list[str]) -> dict:
@@ -123,20 +125,28 @@ def _serve(cfg: dict, duration: float | None) -> int:
 
     from echoel.daemon import logs
     from echoel.fleet.ingest_service import FleetService
+    from echoel.fleet.rollout_worker import CommandSender, RolloutWorker
 
     logs.setup("info")
     log = logging.getLogger("echoel.fleet")
+    link = fleet_config.link(cfg)
     store = FleetStore(cfg["db"])
-    svc = FleetService(store, fleet_config.link(cfg), cfg["workers"])
+    worker_store = FleetStore(cfg["db"])  # its own connection: never waits on ingest's lock
+    worker = RolloutWorker(worker_store, CommandSender(link), cfg["rollout"])
+    # a stored update event or command reply may let a rollout move on: step at once
+    svc = FleetService(store, link, cfg["workers"], on_update=worker.wake)
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGINT, lambda *a: stop.append(1))
     svc.start()
-    log.info("fleet service: %d workers, store %s", cfg["workers"], cfg["db"])
+    worker.start()
+    log.info("fleet service: %d workers, store %s, rollouts on", cfg["workers"], cfg["db"])
     end = None if duration is None else time.monotonic() + duration
     while not stop and (end is None or time.monotonic() < end):
         time.sleep(0.2)
+    worker.stop()
     svc.stop()
+    worker_store.close()
     store.close()
     return 0
 

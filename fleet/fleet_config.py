@@ -1,4 +1,5 @@
-"""The fleet service's settings (a TOML file with a [fleet] table), checked like the box's."""
+"""The fleet service's settings (a TOML file with a [fleet] table and, optionally, the rollout
+worker's [rollout]), checked like the box's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from echoel.daemon.config import ConfigError, Key, check_table
 from echoel.drivers.mqtt_tls import BrokerLink
+from echoel.fleet import rollout_worker
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "fleet": {
@@ -37,10 +39,14 @@ def load(path: str | Path | None) -> dict[str, Any]:
             raise ConfigError(f"{path}: cannot read the fleet config: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    extra = sorted(set(raw) - {"fleet"})
+    extra = sorted(set(raw) - {"fleet", "rollout"})
     if extra:
-        raise ConfigError(f"{path}: unknown section [{extra[0]}]; allowed: fleet")
-    return check_table(str(path or "<defaults>"), "fleet", raw.get("fleet", {}), SCHEMA)
+        raise ConfigError(f"{path}: unknown section [{extra[0]}]; allowed: fleet, rollout")
+    where = str(path or "<defaults>")
+    cfg = check_table(where, "fleet", raw.get("fleet", {}), SCHEMA)
+    cfg["rollout"] = check_table(where, "rollout", raw.get("rollout", {}),
+                                 {"rollout": rollout_worker.KEYS})
+    return cfg
 
 
 def link(cfg: dict[str, Any]) -> BrokerLink:

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
@@ -45,8 +46,10 @@ class IngestWorker:
 
     def __init__(self, store: FleetStore, link: BrokerLink, client_id: str,
                  batch_max: int = 2000, batch_s: float = 0.05,
-                 share: str = SHARE_GROUP, confirmer: Confirmer | None = None) -> None:
+                 share: str = SHARE_GROUP, confirmer: Confirmer | None = None,
+                 on_update: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.on_update = on_update
         self.own_confirmer = confirmer is None
         self.confirmer = confirmer or Confirmer()
         self.confirmer.add_publisher(self.publisher)
@@ -163,6 +166,9 @@ class IngestWorker:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
         self._confirm(batch)
+        if self.on_update and any((leaf == "events" and doc.get("kind") == "update") or
+                                  leaf.startswith("reply/") for _, leaf, doc, _ in batch):
+            self.on_update()
 
     def _confirm(self, batch: list[tuple[str, str, dict, bytes]]) -> None:
         """Tell each box which of its messages are stored, so it can drop them from its spool
@@ -198,7 +204,8 @@ class FleetService:
     """Several ingest workers sharing one store."""
 
     def __init__(self, store: FleetStore, link: BrokerLink, workers: int = 2,
-                 name: str = "fleet-service", share: str = SHARE_GROUP) -> None:
+                 name: str = "fleet-service", share: str = SHARE_GROUP,
+                 on_update: Callable[[], None] | None = None) -> None:
         self.store = store
         # PostgreSQL: a connection per worker, so one worker's transaction does not wait for
         # another's round trips (SQLite has one writer at a time: the workers share its one)
@@ -207,7 +214,8 @@ class FleetService:
         stores = [store, *self.extra_stores] if store.pg else [store] * workers
         self.confirmer = Confirmer()
         self.workers = [IngestWorker(stores[i], link, f"{name}-w{i}", share=share,
-                                     confirmer=self.confirmer) for i in range(workers)]
+                                     confirmer=self.confirmer, on_update=on_update)
+                        for i in range(workers)]
 
     def start(self, wait_s: float = 10.0) -> None:
         """Start every worker and wait until all are subscribed."""
