@@ -423,6 +423,10 @@ class UpdateAgent:
             return {"ok": False, "error": str(exc)}
         with self._lock:
             cur = self._current
+            if self.running() and cur is not None and cur.release == req.release and \
+                    cur.artifact == req.artifact:
+                # the fleet sends again when our first answer was lost: it is the same update
+                return {"ok": True, "accepted": req.release, "already": "installing"}
             if self.running() and cur is not None:
                 return {"ok": False, "error": f"update: release {cur.release!r} "
                         f"({cur.artifact}) is being installed; try again when it ends"}

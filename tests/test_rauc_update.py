@@ -526,6 +526,8 @@ def test_command_refusals_and_health_probes(keys, tmp_path):
     assert agent.handle_command(args) == {"ok": True, "accepted": "2026.11.2"}
     res = agent.handle_command({**args, "release": "2026.11.3"})
     assert not res["ok"] and "'2026.11.2' (system) is being installed" in res["error"]
+    # the same update again (the fleet resends when an answer is lost): accepted, not twice
+    assert agent.handle_command(args)["already"] == "installing"
     conn, _ = silent.accept()
     conn.close()
     silent.close()
