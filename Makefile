@@ -10,7 +10,8 @@ APT_PACKAGES := python3-venv python3-dev gcc libasound2-dev libasound2-plugins j
 	libsystemd-dev pkg-config rt-tests alsa-utils util-linux procps \
 	mosquitto postgresql libsndfile1 ffmpeg fluidsynth fluid-soundfont-gm \
 	linuxptp ethtool iproute2 bluez dbus-daemon \
-	bmap-tools e2fsprogs dosfstools mtools fdisk genimage zstd rauc squashfs-tools dbus
+	bmap-tools e2fsprogs dosfstools mtools fdisk genimage zstd rauc squashfs-tools dbus \
+	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 STAMP := $(VENV)/.installed
 DURATION ?=
 BENCH_SECONDS ?= 60

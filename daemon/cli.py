@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     from echoel.daemon.bio_cli import add_bio_parser
     from echoel.daemon.clock_cli import add_clock_parser
     from echoel.daemon.models_cli import add_models_parser
+    from echoel.daemon.streams_cli import add_streams_parser
     from echoel.daemon.update_cli import add_update_parser
     from echoel.fleet.fleet_cli import add_fleet_parser
     from echoel.provisioning.flash_cli import add_flash_parser
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clock_parser(sub)
     add_bio_parser(sub)
     add_update_parser(sub)
+    add_streams_parser(sub)
     add_provision_parser(sub)
     add_flash_parser(sub)
     p = sub.add_parser("transcriber", help="live audio-to-MIDI (basic-pitch on LiteRT) on the "

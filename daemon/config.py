@@ -281,6 +281,7 @@ SERVICE_SECTIONS = {
     "provisioning": "echoel.provisioning.first_boot",
     "bio": "echoel.daemon.bio_config",
     "update": "echoel.daemon.update_agent",
+    "streams": "echoel.daemon.streams_service",
 }
 CORE_SECTIONS = ("agent", "chain", "daemon", "engine", "realtime", "taps")
 

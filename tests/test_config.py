@@ -206,7 +206,7 @@ BAD = [
     # unknown section / key
     ("unknown-section", "[engin]\nperiod = 64\n",
      ["unknown section [engin]", "allowed: agent, bio, chain, ", " daemon, engine, ",
-      "realtime, taps, update"]),
+      "realtime, streams, taps, update"]),
     ("unknown-key", "[engine]\nperiods_ = 4\n",
      ["unknown key 'periods_'", "[engine]", "allowed: " + ENGINE_KEYS]),
     ("unknown-key-named-like-a-subtable", "[engine]\neq = 1\n",
