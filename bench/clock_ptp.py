@@ -1,6 +1,6 @@
 """`python bench/clock_ptp.py [--quick]`: the clock service against real ptp4l (issue 6).
 
-Two network namespaces joined by a veth (tests/netns.py): a grandmaster ptp4l in one, the
+Two network namespaces joined by a veth (drivers/netns.py): a grandmaster ptp4l in one, the
 clock service (`python -m echoel.daemon.clock_cli run`, its own free-running slave-only ptp4l,
 software timestamps, 8 syncs/s, announces every 0.25 s, timeout 3) in the other. Measured in
 one run:
@@ -37,9 +37,8 @@ if __package__ in (None, ""):  # run as a script: make `bench.` and `tests.` imp
 
 from echoel.daemon.bus_listener import BusListener  # noqa: E402
 from echoel.drivers import ptp4l_config  # noqa: E402
+from echoel.drivers.netns import NetnsPair, skip_reason, stop_process  # noqa: E402
 from echoel.drivers.ptp_management import ManagementClient  # noqa: E402
-
-from tests.netns import NetnsPair, skip_reason, stop_process  # noqa: E402
 
 GM1 = "5A-8A-71-FF-FE-26-FD-8A"
 GM2 = "00-1D-C1-FF-FE-00-00-02"

@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 
-from echoel.daemon import bus
+from echoel.daemon import bus, demo_network
 from echoel.daemon import config as config_mod
 from echoel.daemon.demo_fleet import DemoFleet
+from echoel.daemon.demo_network import DemoNetwork
 from echoel.daemon.demo_services import DemoServices, with_service_taps
 from echoel.daemon.status_view import LiveView
 from echoel.daemon.supervisor import Supervisor, write_summary
@@ -43,6 +44,8 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
              summary_path: str | None, config_path: str | None = None) -> dict:
     """Run the whole demo stack; returns the daemon's summary."""
     cfg = with_service_taps(demo_config(base))
+    if demo_network.unavailable() is None:
+        cfg = with_service_taps(cfg, [demo_network.TAP])  # the AES67 sender's
     e = cfg["engine"]
     rdir = bus.run_dir(cfg["daemon"]["run_dir"])
     conf = rdir / "asound-demo.conf"
@@ -58,6 +61,7 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
     patch = None
     fleet = None
     services = None
+    network = None
     try:
         player = subprocess.Popen([sys.executable, "-m", "echoel.daemon.demo_player",
                                    "--pcm", DEMO, "--rate", str(e["rate"]),
@@ -72,12 +76,15 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
         fleet.start()
         services = DemoServices(rdir / "services", cfg)
         services.start()
+        network = DemoNetwork(rdir / "network", rdir / "services" / "services.toml")
+        network.start()
         sup = Supervisor(cfg, config_path)
         sup.start()
         view = LiveView() if show else None
 
         def on_status(status: dict) -> None:
-            status["extra_lines"] = services.lines() + fleet.lines()
+            status["extra_lines"] = services.lines() + network.lines(services.latest) + \
+                fleet.lines()
             view.update(status)
 
         summary = sup.run(duration, on_status=on_status if view else None)
@@ -85,6 +92,8 @@ def run_demo(base: config_mod.Config, duration: float | None, show: bool,
             write_summary(summary_path, summary)
         return summary
     finally:
+        if network:
+            network.stop()
         if services:
             services.stop()
         if fleet:

@@ -19,11 +19,11 @@ SERVICE_TAPS = ({"name": "analysis", "source": "output", "slots": 256},
 MODELS = Path(__file__).resolve().parents[1] / "build" / "models"
 
 
-def with_service_taps(cfg: config_mod.Config) -> config_mod.Config:
-    """The config with the analysis and notes taps added (where they are not there)."""
+def with_service_taps(cfg: config_mod.Config, taps=SERVICE_TAPS) -> config_mod.Config:
+    """The config with the services' taps added (where they are not there)."""
     have = {t["name"] for t in cfg["taps"]}
     data = dict(cfg.data)
-    data["taps"] = [*cfg["taps"], *(dict(t) for t in SERVICE_TAPS if t["name"] not in have)]
+    data["taps"] = [*cfg["taps"], *(dict(t) for t in taps if t["name"] not in have)]
     return config_mod.validate(data, cfg.source)
 
 

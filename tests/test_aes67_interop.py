@@ -16,7 +16,7 @@ from echoel.drivers.sdp_aes67 import StreamSdp, build_sdp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aes67_rig import have, match, tone_codes, trim_silent_tail, wav_codes
-from netns import NetnsPair, skip_reason
+from echoel.drivers.netns import NetnsPair, skip_reason
 
 PY = sys.executable
 CAPS = "application/x-rtp,media=audio,clock-rate=48000,encoding-name=L24,channels=2,payload=96"

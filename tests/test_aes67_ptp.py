@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aes67_rig import match, tone_codes, trim_silent_tail, wav_codes
-from netns import NetnsPair, skip_reason, stop_process
+from echoel.drivers.netns import NetnsPair, skip_reason, stop_process
 
 PY = sys.executable
 GM = "5A-8A-71-FF-FE-26-FD-8A"

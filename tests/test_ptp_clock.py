@@ -24,13 +24,13 @@ from echoel.daemon.clock_cli import load
 from echoel.daemon.clock_service import ClockService, ClockTracker, LockPolicy
 from echoel.daemon.config import ConfigError
 from echoel.drivers import ptp4l_config
+from echoel.drivers.netns import NetnsPair, skip_reason, stop_process
 from echoel.drivers.ptp_management import (
     ACTION_RESPONSE,
     DATASET_IDS,
     ManagementClient,
     ManagementError,
 )
-from netns import NetnsPair, skip_reason, stop_process
 from rig import short_tmpdir
 
 PY = sys.executable

@@ -1,6 +1,7 @@
-"""Two network namespaces joined by a veth pair, for tests that need a real network.
+"""Two network namespaces joined by a veth pair: a real network on one machine, for tests
+and for `make run`'s studio network (a PTP grandmaster and AES67 on the wire).
 
-    from netns import NetnsPair, skip_reason
+    from echoel.drivers.netns import NetnsPair, skip_reason
 
     if (why := skip_reason()):
         pytest.skip(why)
