@@ -50,6 +50,19 @@ def ring_sink(ring: Ring) -> Sink:
     return push
 
 
+def channel_sink(ring: Ring, period: int, channels: int) -> Sink:
+    """A sink into a ring of another channel count (the engine's input): stream channel c
+    goes to channel c; channels the stream lacks are silent, extra ones are left out."""
+    out = np.zeros((period, channels), np.float32)
+
+    def push(block: np.ndarray, _index: int) -> None:
+        b = block.reshape(period, -1)
+        k = min(channels, b.shape[1])
+        out[:, :k] = b[:, :k]
+        ring.push(out, time.monotonic_ns())
+    return push
+
+
 @dataclass
 class ReceiverConfig:
     """Reception settings of one stream."""

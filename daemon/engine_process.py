@@ -28,6 +28,7 @@ from echoel.daemon.engine_shared import (
     F,
     Guarantee,
     State,
+    return_ring,
 )
 from echoel.daemon.rt_loop import AudioLoop
 from echoel.drivers import alsa_cards, realtime
@@ -125,7 +126,8 @@ class Engine:
         f = self.shared.fields
         f[F.STATE] = State.STARTING
         loop = AudioLoop(self.shared, cap, play, self.cfg["engine"], self.cfg.chain_spec(),
-                         self.cfg["taps"])
+                         self.cfg["taps"], [return_ring(s["name"]) for s in self.cfg["streams"]
+                                            if s["direction"] == "receive"])
         loop.warm_up()
         f[F.OPENS] += 1
         self._publish(device={"capture": cap_name, "playback": play_name}, problem=None)

@@ -63,6 +63,8 @@ class F(IntEnum):
     LATENCY_FRAMES = 33  # measured: playback queue + capture backlog when a block is written
     PROBE_FRAMES = 35  # last round trip measured by the loopback probe; -1: not returned
     PROBE_DONE_SEQ = 36  # the probe request this result answers
+    RETURN_BLOCKS = 37  # blocks of network audio (returns) mixed into the input
+    RETURN_EMPTY = 38  # blocks a return had nothing for (stream not there, late, lost)
 
 
 class State(IntEnum):
@@ -109,6 +111,15 @@ EV_XRUN, EV_DEVICE_LOST, EV_DEVICE_OPENED = 1, 2, 3
 DIR_CAPTURE, DIR_PLAYBACK, DIR_BOTH = 1, 2, 3
 
 
+RETURN_SLOTS = 64
+
+
+def return_ring(stream: str) -> str:
+    """The ring (key in EngineShared.rings) through which a received stream reaches the
+    engine's input: blocks of period x channels_in float32, written by the streams service."""
+    return "stream." + stream.replace(" ", "_")
+
+
 @dataclass
 class RingSizes:
     """Shapes of the rings an engine needs (from the config)."""
@@ -117,6 +128,7 @@ class RingSizes:
     ch_in: int
     ch_out: int
     taps: dict[str, tuple[str, int]]  # name -> (source "input"/"output", slots)
+    returns: tuple[str, ...] = ()  # received streams mixed into the input (names)
 
 
 class EngineShared:
@@ -153,8 +165,13 @@ class EngineShared:
             ch = sizes.ch_in if source == "input" else sizes.ch_out
             rings["tap." + name] = Ring.create(p("ring.tap." + name), slots,
                                                sizes.period * ch, np.float32)
+        for stream in sizes.returns:
+            key = return_ring(stream)
+            rings[key] = Ring.create(p("ring." + key), RETURN_SLOTS, sizes.period * sizes.ch_in,
+                                     np.float32)
         (shm_segment.SHM_DIR / f"echoel.{instance}.index").write_text(json.dumps(
-            {"rings": sorted(rings), "taps": {k: v[0] for k, v in sizes.taps.items()}}))
+            {"rings": sorted(rings), "taps": {k: v[0] for k, v in sizes.taps.items()},
+             "returns": [return_ring(s) for s in sizes.returns]}))
         return cls(instance, bufs, rings)
 
     @classmethod

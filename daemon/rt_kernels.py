@@ -13,6 +13,21 @@ MAX_PARAMS_PER_BLOCK = 64
 
 
 @numba.njit(nogil=True, cache=True)
+def mix_returns(h, meta, data, block, meta_out, x, f):
+    """Add one block of a return ring (network audio, period x channels_in) to the input;
+    an empty ring (stream absent, late or lost) adds nothing and is counted."""
+    if not pop(h, meta, data, block, meta_out):
+        f[F.RETURN_EMPTY] += 1
+        return False
+    frames, ch = x.shape
+    for i in range(frames):
+        for c in range(ch):
+            x[i, c] += block[i * ch + c]
+    f[F.RETURN_BLOCKS] += 1
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
 def drain_params(h, meta, data, rec, meta_out, p_tgt, f):
     """Apply pending (slot, value) records to the chain's targets; bad ones are counted."""
     n = 0

@@ -41,7 +41,8 @@ class AudioLoop:
     """One open stream pair and all the memory its loop needs."""
 
     def __init__(self, shared: EngineShared, cap: alsaaudio.PCM, play: alsaaudio.PCM,
-                 engine: dict, chain: ChainSpec, taps: list[dict]) -> None:
+                 engine: dict, chain: ChainSpec, taps: list[dict],
+                 returns: list[str] | None = None) -> None:
         self.shared = shared
         self.cap, self.play = cap, play
         self.period = engine["period"]
@@ -63,6 +64,9 @@ class AudioLoop:
         self.events = rings["events"]
         self.meters = rings["meters"]
         self.taps = [(rings["tap." + t["name"]], t["source"] == "input") for t in taps]
+        # received network streams, mixed into the input (daemon/streams_service.py writes)
+        self.returns = [rings[r] for r in (returns or [])]
+        self.return_block = np.zeros(self.period * self.cin, np.float32)
         self.param_rec = np.zeros(2)
         self.meta_out = np.zeros(2, np.int64)
         self.event = np.zeros(4, np.int64)
@@ -77,7 +81,7 @@ class AudioLoop:
         """Compile and run every kernel with the exact types the loop will pass."""
         warm_kernels(self.chain, self.dtype, self.scale, self.encode,
                      [ring for ring, _ in self.taps], self.params, self.meters, self.events,
-                     self.period_ns)
+                     self.period_ns, self.returns, self.return_block)
 
     def _event(self, kind: int, direction: int, t: int) -> None:
         ev = self.event
@@ -174,6 +178,7 @@ class AudioLoop:
         rec, meta_out, p_tgt = self.param_rec, self.meta_out, ch.p_tgt
         mh, mm, md = self.meters.h, self.meters.meta, self.meters.data
         taps, in_f32, out_f32 = self.taps, self.in_f32, self.out_f32
+        returns, rblock, mix = self.returns, self.return_block, rt_kernels.mix_returns
         lim, period_ns, now = ch.lim, self.period_ns, time.monotonic_ns
         buffer_frames = self.buffer_frames
         self.prime()
@@ -230,6 +235,8 @@ class AudioLoop:
                 continue
             f[F.LATENCY_FRAMES] = buffer_frames - pavail + avail
             decode(np.frombuffer(data, dtype), scale, ch.x)
+            for ring in returns:
+                mix(ring.h, ring.meta, ring.data, rblock, meta_out, ch.x, f)
             drain(ph, pm, pd, rec, meta_out, p_tgt, f)
             process()
             if probe_state:  # diagnostic round-trip probe (echoel diag latency)
@@ -262,7 +269,8 @@ class AudioLoop:
 
 
 def warm_kernels(chain: ChainState, dtype, scale: float, encode, taps: list[Ring],
-                 params: Ring, meters: Ring, events: Ring, period_ns: int) -> None:
+                 params: Ring, meters: Ring, events: Ring, period_ns: int,
+                 returns: list[Ring] = (), return_block: np.ndarray | None = None) -> None:
     """Run every kernel of the loop once on private copies (no consumer sees warm-up data),
     so that nothing compiles once audio runs. With numba's cache this also fills the cache."""
     f = np.zeros(64, np.int64)
@@ -283,6 +291,13 @@ def warm_kernels(chain: ChainState, dtype, scale: float, encode, taps: list[Ring
     for ring in taps:
         scratch = ring.like()
         push(scratch.h, scratch.meta, scratch.data, block, 0)
+    if return_block is not None:
+        x = chain.x.copy()
+        for ring in returns:
+            scratch = ring.like()
+            push(scratch.h, scratch.meta, scratch.data, return_block, 0)
+            rt_kernels.mix_returns(scratch.h, scratch.meta, scratch.data, return_block,
+                                   meta_out, x, f)
     m = meters.like()
     push(m.h, m.meta, m.data, chain.meters, 0)
     e = events.like()

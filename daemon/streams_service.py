@@ -4,8 +4,10 @@ Each [[streams]] table is one stream. A sender reads an engine tap (never the re
 the tap's shared-memory ring) and sends it paced by the PTP media clock, announced by SAP; the
 senders of one rate and packet time share one paced thread (SCHED_FIFO where allowed). A
 receiver subscribes by SDP file, by the name another device announces (SAP), or by the address
-and format given in the table; it plays out into a ring `echoel.INSTANCE.ring.stream.NAME`
-(blocks of the engine's period x channels, float32) that the engine reads.
+and format given in the table; it plays out into a ring `echoel.INSTANCE.ring.stream.NAME`:
+the engine's own (made by its supervisor for every receive stream of its config; blocks of
+period x channels_in, mixed into the engine's input by the audio thread), or, where no engine
+runs (a standalone service), one it makes itself (period x the stream's channels).
 
 Four times a second it publishes `status.streams` on ipc://{run_dir}/bus-streams.sock: the
 media clock, and per stream its counters, interval figures and SDP; `event.streams` when a
@@ -25,10 +27,11 @@ from typing import Any
 import zmq
 from echoel.daemon import bus, shm_segment
 from echoel.daemon import config as config_mod
-from echoel.daemon.aes67_receiver import Aes67Receiver, ReceiverConfig, ring_sink
+from echoel.daemon.aes67_receiver import Aes67Receiver, ReceiverConfig, channel_sink, ring_sink
 from echoel.daemon.aes67_sender import Aes67Sender, SenderConfig, SenderGroup
 from echoel.daemon.aes67_sources import RingSource
 from echoel.daemon.config import ConfigError, Key
+from echoel.daemon.engine_shared import return_ring
 from echoel.daemon.media_clock import ClockBusSource, MediaClock, shorten_gil_switch
 from echoel.daemon.spsc_ring import Ring
 from echoel.drivers.sap import SAP_GROUP, SapAnnouncer, SapBrowser
@@ -140,6 +143,7 @@ class StreamsService:
         self.groups: list[SenderGroup] = []
         self.receivers: dict[str, Aes67Receiver] = {}
         self.out_rings: dict[str, Ring] = {}
+        self.engine_rings: set[str] = set()  # out rings that are the engine's (not ours)
         self.errors: dict[str, str] = {}
         self.pending: dict[str, dict] = {}  # receivers waiting for their SAP announcement
         self.announcer: SapAnnouncer | None = None
@@ -205,12 +209,19 @@ class StreamsService:
             raise ConfigError(f"stream {s['name']!r}: the stream runs at {st.rate} Hz, the "
                               f"engine at {self.rate}: no sample-rate conversion")
         ring = self.out_rings.get(s["name"])
-        if ring is None or ring.width != self.period * st.channels:
-            path = shm_segment.segment_path(self.instance, "ring.stream." + s["name"]
-                                            .replace(" ", "_"))
+        path = shm_segment.segment_path(self.instance, "ring." + return_ring(s["name"]))
+        if ring is None and path.exists():
+            # the engine's return (made by its supervisor): the stream plays into the
+            # engine's input, channel c into input c
+            ring = Ring.attach(path)
+            self.engine_rings.add(s["name"])
+            self.out_rings[s["name"]] = ring
+        elif ring is None or ring.width != self.period * st.channels:
             ring = Ring.create(path, OUT_RING_SLOTS, self.period * st.channels)
             self.out_rings[s["name"]] = ring
-        rx = Aes67Receiver(st, self.clock, ring_sink(ring),
+        sink = ring_sink(ring) if s["name"] not in self.engine_rings else \
+            channel_sink(ring, self.period, ring.width // self.period)
+        rx = Aes67Receiver(st, self.clock, sink,
                            ReceiverConfig(latency_ms=s["latency_ms"], period=self.period,
                                           iface=s["interface"] or None))
         rx.start()
@@ -339,8 +350,9 @@ class StreamsService:
         if self.browser is not None:
             self.browser.close()
             self.browser = None
-        for ring in self.out_rings.values():
-            shm_segment.remove(ring.path)
+        for name, ring in self.out_rings.items():
+            if name not in self.engine_rings:
+                shm_segment.remove(ring.path)
         self.out_rings.clear()
         if self._clock_src is not None:
             self._clock_src.close()

@@ -145,7 +145,9 @@ class Supervisor:
         """(Re)create the engine's shared memory for the current config."""
         e = self.cfg["engine"]
         sizes = RingSizes(e["period"], e["channels_in"], e["channels_out"],
-                          {t["name"]: (t["source"], t["slots"]) for t in self.cfg["taps"]})
+                          {t["name"]: (t["source"], t["slots"]) for t in self.cfg["taps"]},
+                          tuple(s["name"] for s in self.cfg["streams"]
+                                if s["direction"] == "receive"))
         EngineShared.remove(self.instance)
         self.shared = EngineShared.create(self.instance, sizes)
         self._prev = (time.monotonic_ns(), 0, 0)
@@ -356,6 +358,7 @@ class Supervisor:
                        "rejected": int(f[F.PARAMS_REJECTED]),
                        "modulated": dict(self.modulated)},
             "tap_overflows": int(f[F.TAP_OVERFLOWS]),
+            "returns": {"blocks": int(f[F.RETURN_BLOCKS]), "empty": int(f[F.RETURN_EMPTY])},
             "uptime_s": round(time.monotonic() - self.started, 1),
             "events": {"boot": self.boot_id, "seq": self.event_seq},
         }

@@ -136,3 +136,51 @@ def test_sigterm_stops_everything(rig):
             time.sleep(0.1)
     assert not list(SHM_DIR.glob(f"echoel.{d.instance}.*")), "shared memory left behind"
     d.stop()
+
+
+def test_a_received_stream_is_mixed_into_the_engine_input(rig):
+    """The return ring of a [[streams]] receive entry (what the streams service writes) is
+    played into the engine's input: a -6 dBFS sine comes out at its level, and an absent
+    stream is counted, never waited for."""
+    import threading
+
+    import numpy as np
+    from echoel.daemon.engine_shared import EngineShared, return_ring
+
+    d = Daemon(rig, extra='[[streams]]\nname = "studio console"\ndirection = "receive"\n'
+                          'address = "239.69.1.2"\n')
+    stop = threading.Event()
+    try:
+        d.wait_running()
+        ring = EngineShared.attach(d.instance).rings[return_ring("studio console")]
+        period, ch = 128, 2
+        t = np.arange(period)[:, None]
+        phase = [0]
+
+        def feed() -> None:  # a streams service's pace: keep a few blocks queued
+            while not stop.is_set():
+                while ring.fill < 8:
+                    k = phase[0] + t
+                    ring.push(np.repeat(0.5 * np.sin(2 * np.pi * 1000 * k / 48000), ch, 1)
+                              .astype(np.float32))
+                    phase[0] += period
+                time.sleep(0.002)
+
+        before = d.status()["returns"]
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        s = d.wait_for(lambda s: s["returns"]["blocks"] - before["blocks"] > 300, 30,
+                       "the stream's blocks to be mixed in")
+        time.sleep(0.5)
+        s = d.status()
+        rms = s["levels"]["out_rms_dbfs"]
+        assert all(abs(v - (-9.03)) < 1.0 for v in rms), s["levels"]  # 0.5 sine: -9.03 dBFS
+        stop.set()
+        feeder.join(2)
+        e0 = d.status()["returns"]["empty"]
+        s = d.wait_for(lambda s: s["returns"]["empty"] - e0 > 200, 30,
+                       "blocks without the stream to be counted")
+        assert s["state"] == "running"
+    finally:
+        stop.set()
+        d.stop()
