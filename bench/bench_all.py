@@ -28,7 +28,7 @@ AREAS = {
     "ml": ["bench.ml_bench"],
     "fleet": ["bench.fleet_bench"],
     "aes67": ["bench.clock_ptp", "bench.aes67_bench"],
-    "image": ["bench.image_bench"],
+    "image": ["bench.image_recipe_bench", "bench.image_bench"],
     "bio": ["bench.bio_ble", "bench.bio_bench", "bench.bio_latency"],
     "ota": ["bench.ota_bench", "bench.rollout_bench"],
 }
