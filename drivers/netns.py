@@ -157,6 +157,29 @@ class NetnsPair:
                 raise TimeoutError(f"veth {self.if_a}/{self.if_b} not up after {timeout} s")
             time.sleep(0.05)
 
+def members(ns: str, group: str) -> int:
+    """How many sockets in namespace ns have joined multicast group (0: none)."""
+    r = subprocess.run(["ip", "-n", ns, "maddr", "show"], capture_output=True, text=True,
+                       timeout=10)
+    n = 0
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["inet", group]:
+            n += int(parts[3]) if len(parts) >= 4 and parts[2] == "users" else 1
+    return n
+
+
+def wait_joined(ns: str, group: str, count: int = 1, timeout: float = 60.0) -> None:
+    """Wait until `count` sockets in ns have joined group (a receiver that is ready: its
+    process may take seconds to start on a loaded machine); TimeoutError otherwise."""
+    end = time.monotonic() + timeout
+    while members(ns, group) < count:
+        if time.monotonic() > end:
+            raise TimeoutError(f"namespace {ns}: {count} member(s) of {group} expected within "
+                               f"{timeout:g} s, {members(ns, group)} joined")
+        time.sleep(0.1)
+
+
 def stop_process(p: subprocess.Popen, grace: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds; reaps the process."""
     if p.poll() is None:

@@ -7,6 +7,7 @@ None leaves the choice to the routing table (a 224.0.0.0/4 route).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -14,6 +15,8 @@ import struct
 DSCP_NAMES = {"CS0": 0, "BE": 0, "CS1": 8, "AF11": 10, "AF21": 18, "AF31": 26, "AF41": 34,
               "CS3": 24, "CS4": 32, "CS5": 40, "EF": 46, "CS6": 48, "CS7": 56}
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def dscp_value(dscp: str | int) -> int:
@@ -61,6 +64,11 @@ def open_receiver(address: str, port: int, iface: str | None = None,
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < rcvbuf:
+            # net.core.rmem_max is lower (per network namespace; 208 KiB by default: 0.3 s of
+            # an 8-channel stream): with CAP_NET_ADMIN take the size anyway
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         if timestamps:
             s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         if ip.is_multicast:
