@@ -114,6 +114,9 @@ def copy_checkout(repo: Path, dest: Path) -> int:
     return n
 
 
+REBOOT_REQUEST = "/data/echoel/update/reboot-request"
+
+
 def box_toml(board: Board) -> str:
     """/etc/echoel/box.toml of the image: the board's engine device; [agent] comes from
     provisioning (echoel first-boot)."""
@@ -121,7 +124,10 @@ def box_toml(board: Board) -> str:
             f"every key.\n# The [agent] section is written at provisioning (echoel-firstboot)."
             f"\n[engine]\ndevice = \"{board.engine_device}\"\nformat = \"{board.engine_format}"
             f"\"\nperiod = {board.engine_period}\n\n[daemon]\nrun_dir = \"/run/echoel\"\n"
-            f"state_dir = \"/data/echoel/state\"\n")
+            f"state_dir = \"/data/echoel/state\"\n\n"
+            "# the agent (user echoel, no new privileges) asks root's\n"
+            "# echoel-update-reboot.path for the reboot of an update\n"
+            f"[update]\nreboot_command = \"touch {REBOOT_REQUEST}\"\n")
 
 
 def system_conf(board: Board) -> str:
@@ -370,7 +376,7 @@ class ImageBuild:
         # enable: systemctl in the chroot (it only makes links)
         enable = ["echoel.service", "echoel-agent.service", "echoel-firstboot.service",
                   "data.mount", "boot-firmware.mount", "systemd-networkd.service",
-                  "systemd-resolved.service", "ssh.service"]
+                  "systemd-resolved.service", "ssh.service", "echoel-update-reboot.path"]
         if (units / "echoel-update-health.service").exists():
             enable.append("echoel-update-health.service")
         self._chroot("systemctl", "enable", *enable)
