@@ -333,6 +333,7 @@ class UpdateNode(SimNode):
             return True
         if cmd == "updates":
             return {b.device: {"software": b.software, "commands": b.commands, "jobs": b.jobs,
+                               "busy": b.job is not None,
                                "events": b.sent_events, "t_job": b.t_job,
                                "t_final": b.t_final,
                                "last": (b.last_update or {}).get("state"),

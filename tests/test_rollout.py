@@ -272,7 +272,11 @@ def fleet(request):
 
 @pytest.fixture
 def clean(fleet):
-    """The fleet, with any rollout a failed test left active aborted afterwards."""
+    """The fleet with no box busy with an update (an aborted rollout's boxes finish what they
+    had started, and a busy box refuses another release), and with any rollout a failed test
+    left active aborted afterwards."""
+    wait_for(lambda: not any(u["busy"] for u in fleet.sims.updates().values()), 120.0,
+             what="the boxes to finish the updates of the previous test")
     yield fleet
     fleet.abort_active()
 
