@@ -14,13 +14,18 @@ Keys are EC P-256: small, fast on the box, accepted by mosquitto/OpenSSL.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,6 +35,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 KINDS = {"device": "devices", "service": "services", "broker": "broker"}
 SERVICE_PREFIX = "fleet-"
+
+
+_ISSUE_LOCK = threading.Lock()  # threads of one process (flash jobs) issue one at a time
 
 
 class PkiError(RuntimeError):
@@ -155,45 +163,68 @@ class FleetPki:
         folder = self.root / KINDS[kind]
         return folder / f"{name}.crt", folder / f"{name}.key"
 
-    def issue(self, kind: str, name: str, days: int = 825, dns: tuple[str, ...] = (),
-              ips: tuple[str, ...] = ()) -> Issued:
-        """Issue a certificate: kind 'device', 'service' or 'broker'."""
+    def sign(self, kind: str, name: str, public_key: ec.EllipticCurvePublicKey,
+             days: int = 825, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
+             **index_extra: Any) -> x509.Certificate:
+        """A certificate for a public key (kind 'device', 'service' or 'broker'), recorded in
+        the index under a lock (technicians may issue from several processes at once)."""
         if kind not in KINDS:
             raise PkiError(f"certificate kind {kind!r}: allowed: {', '.join(KINDS)}")
         check_name(name, f"{kind} name")
         ca_cert, ca_key = self._ca()
+        with _ISSUE_LOCK, self._index_locked():
+            now = _now()
+            serial = x509.random_serial_number()
+            eku = ExtendedKeyUsageOID.SERVER_AUTH if kind == "broker" else \
+                ExtendedKeyUsageOID.CLIENT_AUTH
+            b = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                 .issuer_name(ca_cert.subject).public_key(public_key).serial_number(serial)
+                 .not_valid_before(now - dt.timedelta(minutes=5))
+                 .not_valid_after(min(now + dt.timedelta(days=days),
+                                      ca_cert.not_valid_after_utc))
+                 .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                critical=True)
+                 .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                              key_encipherment=False, data_encipherment=False,
+                                              key_agreement=True, key_cert_sign=False,
+                                              crl_sign=False, encipher_only=False,
+                                              decipher_only=False), critical=True)
+                 .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                     ca_key.public_key()), critical=False))
+            if kind == "broker":
+                alt: list[x509.GeneralName] = [x509.DNSName(d) for d in (dns or ("localhost",))]
+                alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in (ips or ("127.0.0.1",))]
+                b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            cert = b.sign(ca_key, hashes.SHA256())
+            rows = self._index()
+            rows.append({"serial": str(serial), "kind": kind, "name": name,
+                         "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None,
+                         **index_extra})
+            self._save_index(rows)
+        return cert
+
+    def issue(self, kind: str, name: str, days: int = 825, dns: tuple[str, ...] = (),
+              ips: tuple[str, ...] = ()) -> Issued:
+        """Issue a certificate and its key into the PKI folder: kind 'device', 'service' or
+        'broker'."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        serial = x509.random_serial_number()
-        eku = ExtendedKeyUsageOID.SERVER_AUTH if kind == "broker" else \
-            ExtendedKeyUsageOID.CLIENT_AUTH
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(serial)
-             .not_valid_before(now - dt.timedelta(minutes=5))
-             .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False,
-                                          key_agreement=True, key_cert_sign=False,
-                                          crl_sign=False, encipher_only=False,
-                                          decipher_only=False), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                 ca_key.public_key()), critical=False))
-        if kind == "broker":
-            alt: list[x509.GeneralName] = [x509.DNSName(d) for d in (dns or ("localhost",))]
-            alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in (ips or ("127.0.0.1",))]
-            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        cert = b.sign(ca_key, hashes.SHA256())
+        cert = self.sign(kind, name, key.public_key(), days, dns, ips)
         crt_path, key_path = self.paths(kind, name)
         _write_key(key_path, key)
         _write_pem(crt_path, cert.public_bytes(serialization.Encoding.PEM))
-        rows = self._index()
-        rows.append({"serial": str(serial), "kind": kind, "name": name,
-                     "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None})
-        self._save_index(rows)
-        return Issued(crt_path, key_path, serial)
+        return Issued(crt_path, key_path, cert.serial_number)
+
+    @contextlib.contextmanager
+    def _index_locked(self) -> Iterator[None]:
+        """An exclusive lock on the CA folder while its index is read and rewritten."""
+        fd = os.open(self.root / ".index.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def revoke(self, kind: str, name: str) -> int:
         """Revoke every certificate issued to `name`; returns how many; rewrites the CRL."""

@@ -15,23 +15,17 @@ keep nothing secret unless asked (keep_secrets). The CA's index records the cert
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import ipaddress
 import json
 import os
 import re
-import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from echoel.provisioning import image_layout
 from echoel.provisioning.pki import SERVICE_PREFIX, FleetPki, PkiError, check_name
 
@@ -44,7 +38,6 @@ SSH_KEY_RE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|
                         r"sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
                         r"[A-Za-z0-9+/=]+( .*)?$")
 DEFAULT_PORT = 8883
-_issue_lock = threading.Lock()
 
 
 class ProvisionError(RuntimeError):
@@ -226,50 +219,14 @@ def issue_identity(pki: FleetPki, device_id: str, days: int = 825) -> Identity:
     recorded in the CA's index."""
     check_name(device_id)
     key = ec.generate_private_key(ec.SECP256R1())
-    with _issue_lock, _index_lock(pki):
-        ca_cert, ca_key = pki._ca()
-        now = dt.datetime.now(dt.UTC)
-        serial = x509.random_serial_number()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key())
-                .serial_number(serial)
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                             key_encipherment=False, data_encipherment=False,
-                                             key_agreement=True, key_cert_sign=False,
-                                             crl_sign=False, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        rows = pki._index()
-        rows.append({"serial": str(serial), "kind": "device", "name": device_id,
-                     "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None,
-                     "provisioned": True})
-        pki._save_index(rows)
+    try:
+        cert = pki.sign("device", device_id, key.public_key(), days, provisioned=True)
+    except PkiError as exc:
+        raise ProvisionError(str(exc)) from None
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return Identity(device_id, key_pem, cert.public_bytes(serialization.Encoding.PEM),
-                    pki.ca_cert_path.read_bytes(), serial)
-
-
-@contextlib.contextmanager
-def _index_lock(pki: FleetPki) -> Iterator[None]:
-    """An exclusive lock on the CA folder while its index is read and rewritten."""
-    if not pki.root.is_dir():
-        raise ProvisionError(f"PKI folder {pki.root}: not there; create the CA with "
-                             f"`echoel pki init --dir {pki.root}`")
-    fd = os.open(pki.root / ".index.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+                    pki.ca_cert_path.read_bytes(), cert.serial_number)
 
 
 def write_provisioning(data_root: Path, settings: BoxSettings, ident: Identity) -> Path:
