@@ -17,7 +17,6 @@ The qemu reboot-to-healthy and the 1,000-box rollout rows belong to other module
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from echoel.daemon.model_store import sha256_file  # noqa: E402
 from echoel.daemon.update_download import TlsFiles, download  # noqa: E402
 from echoel.drivers.rauc_client import HostRauc, host_missing  # noqa: E402
 from echoel.fleet.artifact_server import ArtifactServer, CutPolicy  # noqa: E402
@@ -86,14 +86,6 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run(quick: bool = False) -> list[dict]:
     """The benchmark rows (see the module docstring)."""
     missing = host_missing()
@@ -143,7 +135,7 @@ def run(quick: bool = False) -> list[dict]:
         served.mkdir()
         bundle = served / "b.raucb"
         os.replace(d / "b.raucb", bundle)
-        size, sha = bundle.stat().st_size, _sha256(bundle)
+        size, sha = bundle.stat().st_size, sha256_file(bundle)
         tls = TlsFiles(str(fleet.ca_cert_path))
         with ArtifactServer(served, cert=srv_id.cert, key=srv_id.key) as srv:
             url = srv.url("b.raucb")
@@ -197,7 +189,7 @@ def run(quick: bool = False) -> list[dict]:
         with HostRauc(d / "rauc", COMPATIBLE, ca.ca_cert_path, slot_mb=mib) as host:
             t_info, _ = _timed(lambda: host.client.info(d / "dl" / "a.raucb"))
             t_inst, _ = _timed(lambda: host.client.install(d / "dl" / "a.raucb"))
-            ok = _sha256(host.slot_b) == _sha256(rootfs)
+            ok = sha256_file(host.slot_b) == sha256_file(rootfs)
         rows.append(row("ota", "verify (rauc info)", case, "seconds", t_info, "", None, "s",
                         "", None))
         rows.append(row("ota", "rauc install", case, "seconds", t_inst,

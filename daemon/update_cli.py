@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from echoel.daemon import config as config_mod
+from echoel.daemon.model_store import sha256_file
 from echoel.daemon.update_agent import (
     ARTIFACTS,
     REBOOT,
@@ -29,7 +30,6 @@ from echoel.daemon.update_agent import (
     UpdateSettings,
     parse_request,
 )
-from echoel.daemon.update_download import sha256_file
 from echoel.drivers.rauc_client import RaucClient, RaucError
 
 

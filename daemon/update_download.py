@@ -266,15 +266,6 @@ def _copy(r, f, have: int, size: int, h: hashlib._Hash,
     return have
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def clear(dest: str | Path) -> None:
     """Remove a downloaded artifact and any partial download of it."""
     dest = Path(dest)

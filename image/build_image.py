@@ -37,6 +37,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `image` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from echoel.daemon.model_store import sha256_file
+
 from image import chroot
 from image.base_rootfs import HOST_ARCH, BaseError, base_tarball
 from image.manifest import (
@@ -44,7 +46,6 @@ from image.manifest import (
     git_commit,
     models,
     python_packages,
-    sha256_file,
     write_manifest,
     write_sums,
 )

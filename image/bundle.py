@@ -14,7 +14,6 @@ Importable by path (tests, the benchmark): build_bundle() does the work.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from echoel.daemon.model_store import sha256_file
 
 EXT4_MAGIC_OFFSET = 1080
 EXT4_MAGIC = b"\x53\xef"
@@ -52,15 +53,6 @@ class BundleInfo:
     image_sha256: str
     image_size: int
     seconds: float
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_ext4(path: Path) -> None:

@@ -8,24 +8,16 @@ mirror with the versions recorded here). SHA256SUMS lists the output files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from echoel.daemon.model_store import sha256_file
+
 SCHEMA = 1
 DPKG_FORMAT = "${Package}\t${Version}\t${Architecture}\t${source:Package}\t${db:Status-Abbrev}\n"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def debian_packages(root: Path) -> list[dict[str, str]]:
