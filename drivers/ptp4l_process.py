@@ -16,6 +16,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from echoel.daemon.child_processes import stop_all
 from echoel.drivers.realtime import die_with_parent
 
 log = logging.getLogger("echoel.ptp4l")
@@ -126,13 +127,7 @@ class Ptp4lProcess:
         """SIGTERM ptp4l, SIGKILL after `timeout`; no restart afterwards."""
         self._stopped = True
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_all([self.proc], timeout)
             self.last_exit = self.proc.returncode
             self._join_reader()
             self.proc = None

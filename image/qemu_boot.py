@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from echoel.daemon.child_processes import stop_all
 from echoel.provisioning.image_layout import read_partitions
 
 QEMU = "qemu-system-x86_64"
@@ -138,13 +139,7 @@ class QemuBox:
         """Stop qemu by its PID (SIGTERM, then SIGKILL)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_all([self.proc], timeout)
         self.proc = None
         with contextlib.suppress(OSError):
             os.unlink(self.workdir / "qemu.pid")
