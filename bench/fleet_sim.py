@@ -456,17 +456,21 @@ class SimBox(asyncio.Protocol):
                 (not confirm or len(self.unconfirmed) < WINDOW):
             seq, ts = self.todo.popleft()
             pid = self._next_pid()
-            payload, ts = telemetry(self.figures, seq, self.conn_seq, len(self.unconfirmed),
-                                    ts)
+            where, payload, ts = self.message(seq, ts)
             now = time.monotonic()
             self.inflight[pid] = (seq, now, ts)
             if confirm:
                 self.unconfirmed[seq] = (now, ts)
-            self._write(publish_packet(self.t_tele, payload, pid))
+            self._write(publish_packet(where, payload, pid))
             node.published += 1
             node.bytes_out += len(payload)
             if not node.first_pub_wall:
                 node.first_pub_wall = time.time()
+
+    def message(self, seq: int, ts: float) -> tuple[bytes, bytes, float]:
+        """(topic, payload, ts) of the report numbered seq: telemetry."""
+        payload, ts = telemetry(self.figures, seq, self.conn_seq, len(self.unconfirmed), ts)
+        return self.t_tele, payload, ts
 
     def tick(self) -> None:
         """Steady mode: report, then schedule the next report (period with jitter)."""

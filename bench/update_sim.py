@@ -41,7 +41,6 @@ from echoel.provisioning.pki import FleetPki
 
 from bench import fleet_sim
 from bench.fleet_sim import (
-    WINDOW,
     NodeSpec,
     SimBox,
     SimFleet,
@@ -50,7 +49,6 @@ from bench.fleet_sim import (
     _s,
     _varint,
     parse_properties,
-    publish_packet,
     raise_nofile,
     telemetry,
 )
@@ -274,30 +272,13 @@ class UpdateBox(SimBox):
                                             "value": 41, "limit": 5}]})
 
     # -- sending: telemetry, or the event queued under that seq
-    def _pump(self) -> None:
-        if not self.up:
-            return
-        node = self.node
-        confirm = node.confirm
-        while self.todo and len(self.inflight) < self.receive_max and \
-                (not confirm or len(self.unconfirmed) < WINDOW):
-            seq, ts = self.todo.popleft()
-            pid = self._next_pid()
-            ev = self.events.get(seq)
-            if ev is not None:
-                payload, where = ev, self.t_events
-            else:
-                payload, ts = self._telemetry(seq, ts)
-                where = self.t_tele
-            now = time.monotonic()
-            self.inflight[pid] = (seq, now, ts)
-            if confirm:
-                self.unconfirmed[seq] = (now, ts)
-            self._write(publish_packet(where, payload, pid))
-            node.published += 1
-            node.bytes_out += len(payload)
-            if not node.first_pub_wall:
-                node.first_pub_wall = time.time()
+    def message(self, seq: int, ts: float) -> tuple[bytes, bytes, float]:
+        """(topic, payload, ts): an update event queued under seq, else telemetry."""
+        ev = self.events.get(seq)
+        if ev is not None:
+            return self.t_events, ev, ts
+        payload, ts = self._telemetry(seq, ts)
+        return self.t_tele, payload, ts
 
     def _telemetry(self, seq: int, ts: float) -> tuple[bytes, float]:
         payload, ts = telemetry(self.figures, seq, self.conn_seq, len(self.unconfirmed), ts)
