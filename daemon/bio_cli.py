@@ -98,11 +98,11 @@ def cmd_bio(args: argparse.Namespace) -> int:
 
 def _service(bio: dict, f: BioFile) -> BioService:
     """The service; with [[bio.mappings]] configured, the HRV modulation plugged in."""
-    if not f.raw.get("mappings"):
+    if not f.bio["mappings"]:
         return BioService(bio, f.rdir)
     from echoel.daemon.bio_modulation import from_config
 
-    mod = from_config(f.cfg, bio_modulation_table(f.raw), f.source)
+    mod = from_config(f.cfg, bio_modulation_table(f.bio), f.source)
     return BioService(bio, f.rdir, on_beat=mod.on_beat, on_state=mod.on_sensor_state,
                       tick=mod.tick, extra_status=mod.status)
 

@@ -120,8 +120,7 @@ def sensor_targets(bio: dict) -> list[str]:
 class BioFile:
     """What `echoel bio` reads from a box config file."""
 
-    bio: dict  # [bio], validated (this module's keys)
-    raw: dict  # [bio] as written (with bio_modulation's keys and [[bio.mappings]])
+    bio: dict  # [bio], validated (with bio_modulation's keys and [[bio.mappings]])
     cfg: config_mod.Config  # the rest of the file, validated
     rdir: Path  # the run folder (bus sockets)
     source: str
@@ -131,7 +130,7 @@ def load_bio_file(path: str | Path | None) -> BioFile:
     """The [bio] settings and the box config from a file (None: the defaults)."""
     cfg = config_mod.load(path) if path is not None else config_mod.defaults()
     bio = cfg[SECTION]
-    return BioFile(bio, bio, cfg, bus.run_dir(cfg["daemon"]["run_dir"]), cfg.source)
+    return BioFile(bio, cfg, bus.run_dir(cfg["daemon"]["run_dir"]), cfg.source)
 
 
 def sensor_options(bio: dict) -> SensorOptions:
