@@ -19,7 +19,7 @@ BENCH_SECONDS ?= 60
 MODELS := build/models
 MODEL_STAMP := $(MODELS)/basic-pitch/active
 
-.PHONY: setup apt models run test test-e2e image bench lint clean
+.PHONY: bundle setup apt models run test test-e2e image bench lint clean
 
 setup: apt $(STAMP) $(MODEL_STAMP)
 
@@ -66,6 +66,15 @@ image: setup models
 		apt-get install -y -qq --no-install-recommends $$missing; fi
 	$(PY) image/build_image.py --board $(BOARD) $(if $(SNAPSHOT),--snapshot $(SNAPSHOT)) \
 		$(if $(UPDATE_CA),--update-ca $(UPDATE_CA))
+
+# `make bundle BOARD=qemu-amd64 RELEASE=2026.11.2`: a signed RAUC bundle (verity) of the built
+# image's rootfs -> build/bundles/echoel-BOARD-RELEASE.raucb; signed by the update CA in
+# UPDATE_CA_DIR (the image's development CA unless given; the fleet's for real releases).
+RELEASE ?= $(shell date +%Y.%m.%d)
+UPDATE_CA_DIR ?= build/image/dev-update-ca
+bundle: setup
+	$(PY) image/release_bundle.py --board $(BOARD) --release $(RELEASE) \
+		--update-ca $(UPDATE_CA_DIR) $(if $(BOX_TOML),--box-toml $(BOX_TOML))
 
 # The end-to-end checks: build the qemu image, flash, provision and boot it under qemu (TCG),
 # and see the box join a fleet on this machine's loopback.
