@@ -241,7 +241,7 @@ class UpdateSettings:
         a = cfg["agent"]
         if u["dir"]:
             folder = Path(u["dir"])
-        elif Path("/data").is_dir() and os.access("/data", os.W_OK):
+        elif data_dir_usable():
             folder = DATA_DIR
         else:
             folder = fleet_overlay.state_dir(cfg) / "update"
@@ -589,7 +589,16 @@ class UpdateAgent:
         ev = make_event(st["release"], "system", "rebooting")
         self.state.update(rebooted_at=time.time())
         self._emit(ev)
-        self.reboot()
+        try:
+            self.reboot()
+        except RebootError as exc:
+            # installed and primary: it runs after the next reboot, whoever makes it
+            log.error("update %s is installed but the reboot failed: %s", st["release"], exc)
+            ev = make_event(st["release"], "system", "installed", 100,
+                            error=f"installed, but the reboot failed: {exc}; the new release "
+                            "runs after the next reboot")
+            self.state.update(state="installed", reboot="never", reboot_error=str(exc))
+            self._emit(ev)
         return ev
 
     def tick(self) -> None:
@@ -689,10 +698,42 @@ class UpdateAgent:
         run_reboot(self.s.reboot_command)
 
 
+class RebootError(RuntimeError):
+    """The reboot command could not ask for a reboot; the message names it and why."""
+
+
+REBOOT_TIMEOUT_S = 60.0
+
+
 def run_reboot(command: str) -> None:
-    """Start the configured reboot command (it returns at once; the box goes down)."""
+    """Run the configured reboot command (`systemctl reboot`, or the image's request file for
+    root's echoel-update-reboot.path); it returns once the reboot is asked for. RebootError
+    when it is missing, fails or hangs: the caller reports that instead of waiting forever."""
     log.warning("rebooting for the update (%s)", command)
-    subprocess.Popen(shlex.split(command))
+    argv = shlex.split(command)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=REBOOT_TIMEOUT_S,
+                           check=False)
+    except FileNotFoundError:
+        raise RebootError(f"reboot command {command!r}: {argv[0] if argv else '(empty)'} not "
+                          "found; set [update] reboot_command in box.toml") from None
+    except subprocess.TimeoutExpired:
+        raise RebootError(f"reboot command {command!r} did not return within "
+                          f"{REBOOT_TIMEOUT_S:g} s") from None
+    if r.returncode != 0:
+        raise RebootError(f"reboot command {command!r} exited {r.returncode}: "
+                          f"{(r.stderr or r.stdout).strip()[-300:]}; check [update] "
+                          "reboot_command in box.toml (the agent has no privileges: on the "
+                          "image it touches a file that root's echoel-update-reboot.path acts "
+                          "on)")
+
+
+def data_dir_usable() -> bool:
+    """/data/echoel/update can be the update folder: it exists writable, or /data/echoel
+    (the data partition's folder of the stack's user) is writable to make it in."""
+    if DATA_DIR.is_dir():
+        return os.access(DATA_DIR, os.W_OK)
+    return DATA_DIR.parent.is_dir() and os.access(DATA_DIR.parent, os.W_OK)
 
 
 def post_to_outbox(update_dir: Path, ev: dict) -> Path:

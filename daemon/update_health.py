@@ -20,6 +20,7 @@ Events go to the update folder's outbox; the fleet agent sends them (UpdateAgent
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 from echoel.daemon.update_agent import (
     LINK_FILE,
+    RebootError,
     StateFile,
     UpdateSettings,
     make_event,
@@ -35,6 +37,8 @@ from echoel.daemon.update_agent import (
     run_reboot,
 )
 from echoel.drivers.rauc_client import RaucClient, RaucError
+
+log = logging.getLogger("echoel.update.health")
 
 
 @dataclass(frozen=True)
@@ -258,5 +262,12 @@ class HealthCheck:
         evidence = {**evidence, "rollback_steps": steps}
         self.state.update(phase="rolling_back", error=error, evidence=evidence)
         ev = self._event(st, "rebooting", error, evidence)
-        self.reboot()
+        try:
+            self.reboot()
+        except RebootError as exc:
+            # the previous slot is primary already: the next reboot, whoever makes it, is
+            # the rollback
+            log.error("rolling back: %s", exc)
+            ev = self._event(st, "rebooting", f"{error}; and the reboot failed: {exc}",
+                             {**evidence, "reboot_error": str(exc)})
         return ev

@@ -126,9 +126,10 @@ def box_toml(board: Board) -> str:
             f"\n[engine]\ndevice = \"{board.engine_device}\"\nformat = \"{board.engine_format}"
             f"\"\nperiod = {board.engine_period}\n\n[daemon]\nrun_dir = \"/run/echoel\"\n"
             f"state_dir = \"/data/echoel/state\"\n\n"
-            "# the agent (user echoel, no new privileges) asks root's\n"
-            "# echoel-update-reboot.path for the reboot of an update\n"
-            f"[update]\nreboot_command = \"touch {REBOOT_REQUEST}\"\n")
+            "# updates live on the data partition both slots share; the agent (user echoel,\n"
+            "# no new privileges) asks root's echoel-update-reboot.path for the reboot\n"
+            f"[update]\ndir = \"{REBOOT_REQUEST.rsplit('/', 1)[0]}\"\n"
+            f"reboot_command = \"touch {REBOOT_REQUEST}\"\n")
 
 
 def system_conf(board: Board) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import zmq
 from echoel.daemon.update_agent import (
+    RebootError,
+    StateFile,
     UpdateAgent,
     UpdateRefusedError,
     UpdateRequest,
@@ -28,6 +30,7 @@ from echoel.daemon.update_agent import (
     compare_versions,
     pack_model_artifact,
     parse_request,
+    run_reboot,
 )
 from echoel.daemon.update_download import DownloadError, TlsFiles, download
 from echoel.daemon.update_health import (
@@ -502,6 +505,36 @@ def test_signed_config_artifact_goes_through_apply(keys, tmp_path):
     ev = agent.install(artifact("bad.json", bad))
     assert ev["state"] == "refused" and "does not match" in ev["error"] and len(applied) == 1
     assert rec.reboots == 0
+
+
+def test_a_failing_reboot_command_is_reported_and_the_update_kept(keys, tmp_path):
+    """The agent has no privileges: a reboot command that cannot work (here: a request file
+    in a folder that does not exist) is reported with the command and its error, not waited
+    on; the update stays installed and is not rebooted into again and again."""
+    request = tmp_path / "update" / "reboot-request"
+    request.parent.mkdir()
+    run_reboot(f"touch {request}")
+    assert request.exists()  # the image's way: root's echoel-update-reboot.path acts on it
+    with pytest.raises(RebootError, match="not found"):
+        run_reboot("/no/such/reboot-tool now")
+    bad = f"touch {tmp_path / 'gone' / 'reboot-request'}"
+    with pytest.raises(RebootError, match=r"exited 1: .*reboot_command"):
+        run_reboot(bad)
+
+    rec = Recorder()
+    s = settings(tmp_path, keys)
+    agent = UpdateAgent(s, rec.emit, reboot=lambda: run_reboot(bad))
+    StateFile(s.dir).save({"state": "installed", "artifact": "system",
+                           "release": "2026.11.2", "reboot": "now", "to_slot": "B"})
+    agent.tick()
+    assert rec.states() == ["rebooting", "installed"], rec.events
+    err = rec.events[-1]["error"]
+    assert "the reboot failed" in err and "gone/reboot-request" in err and "exited 1" in err
+    st = StateFile(s.dir).load()
+    assert st["state"] == "installed" and st["reboot"] == "never" and st["reboot_error"]
+    agent.tick()  # no loop of failing reboots
+    assert rec.states() == ["rebooting", "installed"]
+    # the fleet's reboot=now for the next update, or a technician's reboot, boots it then
 
 
 def test_command_refusals_and_health_probes(keys, tmp_path):
