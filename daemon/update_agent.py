@@ -284,6 +284,7 @@ class StateFile:
             json.dump(doc, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        own_like_folder(tmp, self.folder)
         os.replace(tmp, self.path)
 
     def update(self, **changes: Any) -> dict[str, Any]:
@@ -291,6 +292,7 @@ class StateFile:
         returns the new state."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".state.lock", "a+") as lk:
+            own_like_folder(Path(lk.name), self.folder)
             fcntl.flock(lk, fcntl.LOCK_EX)
             try:
                 doc = self.load()
@@ -739,12 +741,28 @@ def data_dir_usable() -> bool:
 def post_to_outbox(update_dir: Path, ev: dict) -> Path:
     """Leave an event for the fleet agent (one file each, named in time order)."""
     box = update_dir / OUTBOX
-    box.mkdir(parents=True, exist_ok=True)
+    if not box.is_dir():
+        box.mkdir(parents=True, exist_ok=True)
+        own_like_folder(box, update_dir)
     path = box / f"{time.time_ns():020d}.json"
     tmp = box / f".{path.name}.tmp"
     tmp.write_text(json.dumps(ev))
+    own_like_folder(tmp, update_dir)
     os.replace(tmp, path)
     return path
+
+
+def own_like_folder(path: Path, folder: Path) -> None:
+    """Run as root (a technician's `echoel update ...`): give `path` the owner of the update
+    folder, so the agent (user echoel) can still replace and remove it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = folder.stat()
+        if (st.st_uid, st.st_gid) != (0, 0):
+            os.chown(path, st.st_uid, st.st_gid)
+    except OSError as exc:
+        log.warning("could not give %s the owner of %s: %s", path, folder, exc)
 
 
 def take_outbox(update_dir: Path) -> list[dict]:
@@ -753,11 +771,24 @@ def take_outbox(update_dir: Path) -> list[dict]:
     out = []
     for p in sorted(box.glob("*.json")) if box.is_dir() else []:
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            pass
-        p.unlink(missing_ok=True)
+            data = p.read_bytes()
+            p.unlink()  # an event that cannot be removed is not sent on every turn
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if p not in _STUCK:
+                _STUCK.add(p)
+                log.error("update event %s cannot be taken (%s): not sent; give %s to the "
+                          "agent's user (chown -R echoel %s)", p, exc.strerror, box, update_dir)
+            continue
+        try:
+            out.append(json.loads(data))
+        except ValueError:
+            log.error("update event %s was not JSON; dropped", p)
     return out
+
+
+_STUCK: set[Path] = set()
 
 
 def _rmtree(p: Path) -> None:

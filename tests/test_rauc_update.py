@@ -12,8 +12,10 @@ import datetime as dt
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from echoel.daemon.update_agent import (
     compare_versions,
     pack_model_artifact,
     parse_request,
+    post_to_outbox,
     run_reboot,
 )
 from echoel.daemon.update_download import DownloadError, TlsFiles, download
@@ -535,6 +538,53 @@ def test_a_failing_reboot_command_is_reported_and_the_update_kept(keys, tmp_path
     agent.tick()  # no loop of failing reboots
     assert rec.states() == ["rebooting", "installed"]
     # the fleet's reboot=now for the next update, or a technician's reboot, boots it then
+
+
+TAKE_AS_AGENT = ("import json, logging, sys; logging.basicConfig(); "
+                 "from pathlib import Path; from echoel.daemon.update_agent import take_outbox;"
+                 " print(json.dumps([take_outbox(Path(sys.argv[1])) for _ in range(2)]))")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files of another user)")
+def test_root_written_update_files_stay_the_agents(tmp_path):
+    """The health check or a technician's `echoel update` run as root: what they write in
+    the update folder gets the folder's owner, so the agent (another user) can take it; an
+    event it cannot remove is reported once, not sent on every turn, and does not stop it."""
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="echupd", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        folder = root / "update"
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)  # the agent's user: nobody here
+        post_to_outbox(folder, {"kind": "update", "state": "healthy"})
+        StateFile(folder).update(state="healthy")
+        for p in [folder / "outbox", *folder.rglob("*")]:
+            assert (p.stat().st_uid, p.stat().st_gid) == (65534, 65534), p
+
+        def take() -> tuple[list, str]:
+            cache = root / "numba"  # the agent's imports compile numba kernels
+            cache.mkdir(exist_ok=True)
+            os.chown(cache, 65534, 65534)
+            r = subprocess.run([sys.executable, "-c", TAKE_AS_AGENT, str(folder)], user=65534,
+                               group=65534, capture_output=True, text=True, timeout=120,
+                               cwd="/", env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout), r.stderr
+
+        got, _ = take()
+        assert got == [[{"kind": "update", "state": "healthy"}], []]
+        # an outbox made by root before this fix: reported, kept, not re-sent, no crash
+        shutil.rmtree(folder / "outbox")
+        (folder / "outbox").mkdir()
+        (folder / "outbox" / "00000000000000000001.json").write_text('{"state": "healthy"}')
+        got, err = take()
+        assert got == [[], []]
+        assert err.count("cannot be taken (Permission denied)") == 1, err
+        assert "chown -R echoel" in err
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_command_refusals_and_health_probes(keys, tmp_path):

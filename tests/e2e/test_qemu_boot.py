@@ -21,71 +21,23 @@ from echoel.fleet import fleet_config
 from echoel.fleet.ingest_service import FleetService
 from echoel.fleet.store import FleetStore
 from echoel.provisioning import image_layout
-from echoel.provisioning.provision import (
-    BoxSettings,
-    check_settings,
-    issue_identity,
-    read_back,
-    write_provisioning,
-)
+from echoel.provisioning.provision import read_back
 from fleet_rig import FleetRig, wait_for
+from qemu_rig import GUEST_HOST, OUT, built_image, flash, provision
 from rig import short_tmpdir
 
 from image.qemu_boot import QemuBox, boot_slot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
-REPO = Path(__file__).resolve().parents[2]
-BOARD = "qemu-amd64"
-IMAGE = REPO / "build" / "image" / BOARD / f"echoel-{BOARD}.img"
-BMAP = IMAGE.with_suffix(".bmap")
 BOX = "qemu-box-1"
-GUEST_HOST = "10.0.2.2"  # the host's loopback, seen from qemu's user network
 EXTRA_DISK = 512 * 1024 * 1024  # the "card" is bigger than the image: /data must grow
 ONLINE_TIMEOUT_S = 1200  # TCG on a loaded 2-core machine: minutes, not seconds
-TOOLS = ("qemu-system-x86_64", "bmaptool", "mcopy", "debugfs", "mosquitto")
-
-
-def _skip_reasons() -> str | None:
-    if os.environ.get("ECHOEL_E2E") != "1":
-        return "end-to-end test: run with `make test-e2e` (ECHOEL_E2E=1)"
-    if os.geteuid() != 0:
-        return "needs root (image build, loop mounts for provisioning)"
-    missing = [t for t in TOOLS if shutil.which(t) is None and
-               not Path(f"/usr/sbin/{t}").exists()]
-    if missing:
-        return (f"missing tools {missing}: apt-get install qemu-system-x86 bmap-tools mtools "
-                "e2fsprogs mosquitto")
-    return None
 
 
 @pytest.fixture(scope="module")
 def image() -> Path:
-    if why := _skip_reasons():
-        pytest.skip(why)
-    if not IMAGE.exists() or not BMAP.exists():
-        from image.build_image import ImageBuild
-        from image.recipe import board
-
-        ImageBuild(board(BOARD), REPO / "build" / "image").run()
-    return IMAGE
-
-
-def _flash(image: Path, dest: Path) -> None:
-    """Flash the image to a file with its bmap, then make the 'card' bigger than the image."""
-    r = subprocess.run(["bmaptool", "copy", "--bmap", str(BMAP), str(image), str(dest)],
-                       capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr
-    with open(dest, "r+b") as f:
-        f.truncate(image.stat().st_size + EXTRA_DISK)
-
-
-def _provision(card: Path, pki, broker_port: int) -> None:
-    settings = check_settings(BoxSettings(device_id=BOX, broker_host=GUEST_HOST,
-                                          broker_port=broker_port, group="e2e"))
-    ident = issue_identity(pki, BOX)
-    with image_layout.data_mounted(card) as root:
-        write_provisioning(root, settings, ident)
+    return built_image()
 
 
 def _numba_files(data_root: Path) -> set[str]:
@@ -115,12 +67,12 @@ def test_image_boots_and_joins_the_fleet(image: Path):
         svc.start()
 
         card = root / "card.img"
-        _flash(image, card)
+        flash(image, card, EXTRA_DISK)
         assert subprocess.run(["cmp", "-n", str(image.stat().st_size), str(image), str(card)],
                               capture_output=True, timeout=600).returncode == 0, \
             "the flashed file differs from the image"
         parts_before = {p.number: p for p in image_layout.read_partitions(card)}
-        _provision(card, rig.pki, rig.broker.port)
+        provision(card, rig.pki, BOX, rig.broker.port, "e2e")
         prov = read_back(card)
         assert prov["provision"]["device_id"] == BOX
         assert prov["provision"]["broker_host"] == GUEST_HOST
@@ -175,7 +127,7 @@ def test_image_boots_and_joins_the_fleet(image: Path):
                   "data_mib_after": parts_after[4].size >> 20,
                   "numba_cache_files_shipped": len(shipped),
                   "numba_cache_files_added_at_boot": sorted(after_boot - shipped)}
-        (REPO / "build" / "image" / BOARD / "e2e.json").write_text(json.dumps(result, indent=1))
+        (OUT / "e2e.json").write_text(json.dumps(result, indent=1))
         print(f"\nqemu boot to online in the fleet: {online_s:.0f} s; engine running: "
               f"{engine_s:.0f} s; {result}")
     finally:
