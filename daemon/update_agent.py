@@ -256,7 +256,10 @@ class UpdateSettings:
                    reserve_bytes=u["reserve_mb"] << 20,
                    download_attempts=u["download_attempts"],
                    model_store=store_path(None),
-                   run_dir=bus.run_dir(cfg["daemon"]["run_dir"]),
+                   # not made here: the health check (user echoel) may start before the
+                   # engine's unit creates /run/echoel
+                   run_dir=Path(cfg["daemon"]["run_dir"]) if cfg["daemon"]["run_dir"]
+                   else bus.run_dir(""),
                    health={k[len("health_"):]: v for k, v in u.items()
                            if k.startswith("health_")})
 

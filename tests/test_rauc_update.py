@@ -682,6 +682,13 @@ def test_update_cli_installs_a_model_and_reports(keys, tmp_path, monkeypatch, ca
     assert cli("install", str(art), "--artifact", "models", "--release", "m9") == 1
     assert "busy (session)" in capsys.readouterr().err
     assert cli("health-check") == 0  # not on trial
+    # the health check starts before the engine's unit makes its runtime folder (and may
+    # not make it itself): it must not need it to exist
+    (tmp_path / "not-a-folder").write_text("")
+    text = conf.read_text()
+    conf.write_text(f'[daemon]\nrun_dir = "{tmp_path / "not-a-folder" / "run"}"\n' + text)
+    assert cli("health-check") == 0
+    conf.write_text(text)
     with pytest.raises(config_mod.ConfigError, match="maintenance_window = '25:00-01:00'"):
         conf.write_text(conf.read_text() + 'maintenance_window = "25:00-01:00"\n')
         cli("status")
