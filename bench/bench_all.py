@@ -30,7 +30,7 @@ AREAS = {
     "aes67": ["bench.clock_ptp", "bench.aes67_bench"],
     "image": ["bench.image_recipe_bench", "bench.image_bench"],
     "bio": ["bench.bio_ble", "bench.bio_bench", "bench.bio_latency"],
-    "ota": ["bench.ota_bench", "bench.rollout_bench"],
+    "ota": ["bench.ota_bench", "bench.rollout_bench", "bench.ota_qemu_bench"],
 }
 
 
