@@ -115,7 +115,8 @@ def copy_checkout(repo: Path, dest: Path) -> int:
     return n
 
 
-REBOOT_REQUEST = "/data/echoel/update/reboot-request"
+UPDATE_DIR = "/data/echoel/update"  # [update] dir: the data partition both slots share
+REBOOT_REQUEST = f"{UPDATE_DIR}/reboot-request"
 
 
 def box_toml(board: Board) -> str:
@@ -128,7 +129,7 @@ def box_toml(board: Board) -> str:
             f"state_dir = \"/data/echoel/state\"\n\n"
             "# updates live on the data partition both slots share; the agent (user echoel,\n"
             "# no new privileges) asks root's echoel-update-reboot.path for the reboot\n"
-            f"[update]\ndir = \"{REBOOT_REQUEST.rsplit('/', 1)[0]}\"\n"
+            f"[update]\ndir = \"{UPDATE_DIR}\"\n"
             f"reboot_command = \"touch {REBOOT_REQUEST}\"\n")
 
 

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from echoel.daemon.child_processes import stop_all
-from echoel.provisioning.image_layout import read_partitions
+from echoel.provisioning.image_layout import ext4_read_text, read_partitions
 
 QEMU = "qemu-system-x86_64"
 
@@ -60,12 +60,7 @@ def read_data_file(image: Path, path: str) -> str | None:
     p4 = next((p for p in read_partitions(image) if p.number == 4), None)
     if p4 is None:
         raise BootError(f"{image}: no partition 4 (data)")
-    r = subprocess.run(["debugfs", "-R", f"cat {path}", f"{image}?offset={p4.start}"],
-                       capture_output=True, timeout=120, check=False)
-    text = r.stdout.decode(errors="replace")
-    if r.returncode != 0 or not text:
-        return None
-    return text
+    return ext4_read_text(image, path, p4.start)
 
 
 def boot_slot(image: Path) -> str:

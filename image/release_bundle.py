@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from echoel.provisioning.image_layout import read_partitions
+from echoel.provisioning.image_layout import ext4_read_text, read_partitions
 from echoel.provisioning.pki import PkiError
 from echoel.provisioning.update_signing import UpdateCa
 
@@ -89,14 +89,6 @@ def _fs(ext4: Path, offset: int = 0) -> str:
     return f"{ext4}?offset={offset}" if offset else str(ext4)
 
 
-def read_text(ext4: Path, path: str, offset: int = 0) -> str | None:
-    """A file of an ext4 image (at `offset` in a disk image), or None when absent."""
-    r = subprocess.run(["debugfs", "-R", f"cat {path}", _fs(ext4, offset)],
-                       capture_output=True, timeout=TIMEOUT_S, check=False)
-    text = r.stdout.decode(errors="replace")
-    return text if r.returncode == 0 and text else None
-
-
 def write_text(ext4: Path, path: str, text: str, offset: int = 0) -> None:
     """Replace (or create) the file `path` (mode 0644, root) in an ext4 image with `text`."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -112,7 +104,7 @@ def write_text(ext4: Path, path: str, text: str, offset: int = 0) -> None:
             raise ReleaseError(f"debugfs could not write {path} into {ext4}: {r.stderr[-400:]}")
     finally:
         local.unlink(missing_ok=True)
-    got = read_text(ext4, path, offset)
+    got = ext4_read_text(ext4, path, offset)
     if got != text:
         raise ReleaseError(f"{ext4}: {path} reads back {got!r} after writing {text!r}")
 

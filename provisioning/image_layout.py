@@ -125,6 +125,17 @@ def ext4_label(target: str | Path, offset: int) -> str | None:
     return sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def ext4_read_text(target: str | Path, path: str, offset: int = 0) -> str | None:
+    """A file of the ext4 file system at `offset` in an image (debugfs, nothing mounted), or
+    None when it is absent. debugfs does not replay the journal: read file systems that no
+    one has mounted read-write since their last clean unmount."""
+    fs = f"{target}?offset={offset}" if offset else str(target)
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", fs], capture_output=True, timeout=120,
+                       check=False)
+    text = r.stdout.decode(errors="replace")
+    return text if r.returncode == 0 and text else None
+
+
 def data_partition(target: str | Path) -> Partition:
     """Partition 4 of the agreed layout, checked: ext4, label echoel-data, inside the disk."""
     target = Path(target)

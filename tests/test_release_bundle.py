@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from echoel.drivers.rauc_client import host_missing
 from echoel.provisioning import image_layout
+from echoel.provisioning.image_layout import ext4_read_text
 from echoel.provisioning.update_signing import UpdateCa
 
 from image import release_bundle
@@ -52,9 +53,9 @@ def test_release_rootfs_carries_the_release_and_is_shrunk(disk: Path, tmp_path: 
     box = BOX_TOML + "\n[update]\nhealth_deadline_s = 150.0\n"
     size = release_bundle.release_rootfs(disk, out, "2026.11.2", box,
                                          files={"/etc/echoel/extra": "x\n"})
-    assert release_bundle.read_text(out, release_bundle.RELEASE_FILE) == "2026.11.2\n"
-    assert release_bundle.read_text(out, release_bundle.BOX_TOML) == box
-    assert release_bundle.read_text(out, "/etc/echoel/extra") == "x\n"
+    assert ext4_read_text(out, release_bundle.RELEASE_FILE) == "2026.11.2\n"
+    assert ext4_read_text(out, release_bundle.BOX_TOML) == box
+    assert ext4_read_text(out, "/etc/echoel/extra") == "x\n"
     _, part = release_bundle.partition_offset(disk, 2)
     assert size == out.stat().st_size and size < part  # resize2fs -M: smaller than the slot
     fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True,
@@ -62,7 +63,7 @@ def test_release_rootfs_carries_the_release_and_is_shrunk(disk: Path, tmp_path: 
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     # the source image is untouched
     start, _ = release_bundle.partition_offset(disk, 2)
-    assert release_bundle.read_text(disk, release_bundle.RELEASE_FILE, start) == "2026.11.1\n"
+    assert ext4_read_text(disk, release_bundle.RELEASE_FILE, start) == "2026.11.1\n"
 
 
 def test_cli_signs_with_the_update_ca_and_rauc_accepts_it(disk: Path, ca: Path, tmp_path: Path,

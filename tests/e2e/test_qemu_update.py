@@ -40,6 +40,7 @@ from echoel.fleet.artifact_server import ArtifactServer
 from echoel.fleet.rollout import RolloutBook
 from echoel.fleet.store import FleetStore
 from echoel.provisioning import image_layout
+from echoel.provisioning.image_layout import ext4_read_text
 from echoel.provisioning.update_signing import UpdateCa
 from fleet_rig import FleetRig, wait_for
 from qemu_rig import GUEST_HOST, OUT, built_image, flash, provision
@@ -52,7 +53,6 @@ from image.release_bundle import (
     Release,
     make_release,
     partition_offset,
-    read_text,
     write_text,
 )
 
@@ -215,7 +215,7 @@ class Fleet:
 
 def _slot_release(card: Path, slot: str) -> str | None:
     start, _ = partition_offset(card, 2 if slot == "A" else 3)
-    text = read_text(card, RELEASE_FILE, start)
+    text = ext4_read_text(card, RELEASE_FILE, start)
     return text.strip() if text else None
 
 
@@ -261,7 +261,7 @@ def test_update_to_release_2_then_release_3_rolls_back(image: Path):
         # the releases are built while the box boots release 1
         ca = _update_ca(root)
         signing = ca.issue_signing("release")
-        base_toml = read_text(image, BOX_TOML, partition_offset(image, 2)[0])
+        base_toml = ext4_read_text(image, BOX_TOML, partition_offset(image, 2)[0])
         assert base_toml, "the image has no /etc/echoel/box.toml"
         built: dict[str, Release | BaseException] = {}
 
